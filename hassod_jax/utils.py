@@ -1,0 +1,111 @@
+"""Small shared utilities: required config fields, atomic writes, metric writing, progress."""
+
+import json
+import os
+import tempfile
+import time
+
+from absl import logging
+
+
+class ConfigError(ValueError):
+    """A config is missing a required field or has an invalid value."""
+
+
+def require(config, *names, mode=None):
+    """Raises ConfigError naming every field in `names` that is unset (None or '')."""
+    missing = [n for n in names if n not in config or config[n] in (None, "")]
+    if missing:
+        where = f" for mode={mode}" if mode else ""
+        sets = " ".join(f"--config.{n}=..." for n in missing)
+        raise ConfigError(f"Missing required config field(s){where}: {', '.join(missing)}. Set {sets}")
+
+
+def atomic_write_bytes(path, data):
+    """Writes `data` to `path` through a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj, indent=None):
+    atomic_write_bytes(path, json.dumps(obj, indent=indent).encode("utf-8"))
+
+
+def read_json(path, what="JSON file"):
+    """Reads a JSON file; a missing or malformed file raises an error naming it."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+class MetricWriter:
+    """Writes scalars to TensorBoard (tensorboardX) and to `metrics.jsonl` in `logdir`."""
+
+    def __init__(self, logdir, enable_tensorboard=True):
+        os.makedirs(logdir, exist_ok=True)
+        self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._tb = None
+        if enable_tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir)
+
+    def write_scalars(self, step, scalars):
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+
+    def close(self):
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """Counts finished items and logs rate, ETA and the time share of named stages."""
+
+    def __init__(self, total, name="images", every_s=10.0):
+        self.total, self.name, self.every_s = total, name, every_s
+        self.done = 0
+        self.start = self._last = time.perf_counter()
+        self.stage_time = {}
+
+    def add_time(self, stage, seconds):
+        self.stage_time[stage] = self.stage_time.get(stage, 0.0) + seconds
+
+    def update(self, n=1, force=False):
+        self.done += n
+        now = time.perf_counter()
+        if force or now - self._last >= self.every_s:
+            self._last = now
+            logging.info("%s", self.summary())
+
+    def summary(self):
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        total_stage = sum(self.stage_time.values()) or 1.0
+        shares = ", ".join(f"{k} {100 * v / total_stage:.0f}%" for k, v in self.stage_time.items())
+        return (
+            f"{self.done}/{self.total} {self.name}, {rate:.2f} {self.name}/s, "
+            f"ETA {left:.0f} s" + (f" [{shares}]" if shares else "")
+        )
