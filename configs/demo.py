@@ -1,0 +1,24 @@
+"""The embedded default: stage 1 on generated scenes and scikit-image photos, no downloads.
+
+    python -m hassod_jax.main --config configs/demo.py --workdir /tmp/hassod_demo
+
+Uses the DINO ViT when --config.dino_checkpoint is given, else a weight-free stand-in.
+"""
+
+from hassod_jax import defaults
+
+
+def get_config(arg=None):
+    del arg
+    c = defaults.discovery()
+    c.mode = "demo"
+    c.backbone = "auto"  # dino when dino_checkpoint is set, else the stand-in
+    c.num_synthetic = 6  # generated scenes with whole/part/subpart ground truth
+    c.synthetic_size = (240, 320)  # (height, width) of the generated scenes
+    c.seed = 0
+    c.photos = ("astronaut", "coffee", "chelsea", "rocket", "coins", "horse")
+    c.num_pictures = 12
+    c.chunk_size = 4
+    c.batch_size = 4
+    c.log_every_s = 10.0
+    return c

@@ -1,0 +1,53 @@
+"""Default config trees shared by the files in configs/ (HASSOD_SPEC.md numbers).
+
+The files in configs/ are thin: they call these and override a few fields, so a variant
+never copies the recipe.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def discovery():
+    """Stage 1: DINO ViT-B/8 keys -> HAC -> dense CRF -> coverage tree (HASSOD_SPEC 1.1-1.5)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "discover"
+    c.images = config_dict.placeholder(str)  # folder of images (required)
+    c.coco_json = ""  # optional COCO JSON giving the image list and ids
+    c.backbone = "dino"  # 'dino' (needs dino_checkpoint) or 'standin' (no weights; demo only)
+    c.dino_checkpoint = config_dict.placeholder(str)
+    c.feature_kind = "k"  # k | q | v | kqv (1.1)
+    c.dtype = "float32"  # ViT compute dtype: float32 | bfloat16
+    c.image_size = 480
+    c.thresholds = (0.4, 0.2, 0.1)  # HAC merge thresholds (1.2)
+    c.coverage = 0.9  # coverage threshold of the hierarchy tree (1.4)
+    c.min_area = 100  # masks with fewer pixels are dropped (1.3 step 5)
+    c.crf_backend = "auto"  # auto | jax | pydensecrf (auto: jax on an accelerator, else pydensecrf)
+    c.crf = ml_collections.ConfigDict(
+        dict(
+            sxy_gaussian=3,
+            compat_gaussian=7,
+            sxy_bilateral=50,
+            srgb=5,
+            compat_bilateral=10,
+            iterations=10,
+        )
+    )
+    c.batch_size = 8  # images per device batch for the ViT and HAC
+    c.chunk_size = 64  # images per committed chunk (the resume granularity)
+    c.num_workers = -1  # decode/CRF worker processes; -1 = one per CPU core but one; 0 = inline
+    c.job_index = 0  # independent jobs: this job's index ...
+    c.num_jobs = 1  # ... out of this many (combined with jax.process_index/count)
+    c.max_images = -1  # -1 = all
+    c.log_every_s = 30.0
+    return c
+
+
+def sweep():
+    """Threshold sweep: every threshold is a cut of ONE merge sequence per image (1.2)."""
+    c = discovery()
+    c.mode = "sweep"
+    c.thresholds = tuple(round(0.05 * i, 2) for i in range(1, 13))  # 0.05 ... 0.6
+    c.gt_json = ""  # optional ground truth: class-agnostic mask AR/AP per threshold
+    c.ensemble_thresholds = (0.1, 0.2, 0.4)  # the published ensemble, evaluated when in the sweep
+    return c

@@ -1,0 +1,153 @@
+"""mode=demo, the embedded default: stage 1 on generated scenes and scikit-image's photos.
+
+Needs no downloads. Writes, under the workdir:
+    demo_data/               the generated scenes (with ground truth) and the photos
+    pseudo_labels/           the discovery outputs (per threshold, ensemble, skipped)
+    pseudo_labels/metrics.json  mask AR/AP of each threshold and of the ensemble against the
+                             generated ground truth, and the agreement of hierarchy levels
+    pictures/                PNGs with masks coloured by level (red whole, green part, blue subpart)
+With `config.dino_checkpoint` set it uses the DINO ViT; otherwise the weight-free stand-in.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from hassod_jax import utils
+from hassod_jax.discovery import pipeline
+
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "coins", "horse")
+
+
+def _photo(name):
+    import skimage.data
+
+    img = np.asarray(getattr(skimage.data, name)())
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return img[..., :3].astype(np.uint8)
+
+
+def prepare_data(data_dir, num_synthetic, seed, size, photos):
+    """Writes the scenes and photos into one folder and an image list JSON covering both.
+
+    Returns (image_dir, image_list_json, synthetic_gt_json).
+    """
+    from hassod_jax.data import synthetic
+
+    image_dir, gt_json = synthetic.write_synthetic_dataset(
+        os.path.join(data_dir, "synthetic"), num_synthetic, seed, tuple(size)
+    )
+    gt = utils.read_json(gt_json, "synthetic ground truth")
+    images = list(gt["images"])
+    next_id = max([im["id"] for im in images], default=0) + 1
+    for name in photos:
+        file_name = f"skimage_{name}.png"
+        img = _photo(name)
+        Image.fromarray(img).save(os.path.join(image_dir, file_name))
+        images.append({"id": next_id, "file_name": file_name, "height": img.shape[0], "width": img.shape[1]})
+        next_id += 1
+    image_list = os.path.join(data_dir, "image_list.json")
+    utils.atomic_write_json(image_list, {"images": images, "annotations": [], "categories": pipeline.CATEGORIES})
+    return image_dir, image_list, gt_json
+
+
+def level_agreement(gt, rows, iou_threshold=0.5):
+    """Share of ground-truth masks found (IoU >= 0.5) and, among those, with the right level."""
+    from pycocotools import mask as mask_utils
+
+    by_image = {im["id"]: res["ensemble"] for im, res in rows}
+    found = right = total = 0
+    per_level = {0: [0, 0], 1: [0, 0], 2: [0, 0]}
+    gt_by_image = {}
+    for a in gt["annotations"]:
+        gt_by_image.setdefault(a["image_id"], []).append(a)
+    for image_id, gts in gt_by_image.items():
+        preds = by_image.get(image_id, [])
+        total += len(gts)
+        if not preds:
+            continue
+        ious = mask_utils.iou(
+            [g["segmentation"] for g in gts], [p["segmentation"] for p in preds], [0] * len(preds)
+        )
+        ious = np.asarray(ious).reshape(len(gts), len(preds))
+        for g, row in zip(gts, ious):
+            j = int(np.argmax(row))
+            if row[j] >= iou_threshold:
+                found += 1
+                ok = int(preds[j]["hier_level"] == g.get("hier_level", 0))
+                right += ok
+                per_level[g.get("hier_level", 0)][0] += 1
+                per_level[g.get("hier_level", 0)][1] += ok
+    return {
+        "gt_masks": total,
+        "found_at_iou_0.5": found,
+        "level_accuracy_of_found": right / found if found else 0.0,
+        "level_accuracy_by_gt_level": {str(k): (v[1] / v[0] if v[0] else None) for k, v in per_level.items()},
+    }
+
+
+def write_pictures(picture_dir, image_dir, rows, limit):
+    from pycocotools import mask as mask_utils
+
+    from hassod_jax.data import images as image_io
+    from hassod_jax.evaluate import visualize
+
+    os.makedirs(picture_dir, exist_ok=True)
+    for im, res in rows[:limit]:
+        img = image_io.load_image_rgb(os.path.join(image_dir, im["file_name"]))
+        anns = res["ensemble"]
+        if anns:
+            masks = mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
+        else:
+            masks = np.zeros((0,) + img.shape[:2], bool)
+        levels = [a["hier_level"] for a in anns]
+        stem = os.path.splitext(os.path.basename(im["file_name"]))[0]
+        visualize.save_picture(os.path.join(picture_dir, f"{stem}.png"), img, masks, levels)
+
+
+def run(config, workdir):
+    from hassod_jax.discovery import sweep
+
+    data_dir = os.path.join(workdir, "demo_data")
+    manifest = os.path.join(data_dir, "manifest.json")
+    if os.path.exists(manifest):  # a resumed demo keeps the data it generated
+        image_dir, image_list, gt_json = utils.read_json(manifest, "demo manifest")
+    else:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        paths = prepare_data(
+            data_dir, config.num_synthetic, config.seed, config.synthetic_size, config.photos
+        )
+        utils.atomic_write_json(manifest, list(paths))
+        image_dir, image_list, gt_json = paths
+    with config.unlocked():
+        config.images = image_dir
+        config.coco_json = image_list
+        if config.backbone == "auto":
+            config.backbone = "dino" if config.dino_checkpoint else "standin"
+    logging.info("Demo: %s", "DINO ViT" if config.backbone == "dino" else "stand-in backbone (no weights)")
+    result = pipeline.discover(config, workdir)
+    rows = result["rows"]
+    gt = utils.read_json(gt_json, "synthetic ground truth")
+    metrics = {
+        "backbone": config.backbone,
+        "images": result["images"],
+        "skipped": result["skipped"],
+        "segm": sweep.evaluate_thresholds(rows, config.thresholds, gt_json),
+        "levels": level_agreement(gt, rows),
+        "statistics": sweep.threshold_statistics(rows, config.thresholds),
+    }
+    out_dir = os.path.join(workdir, pipeline.OUTPUT_DIR)
+    utils.atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics, indent=1)
+    write_pictures(os.path.join(workdir, "pictures"), image_dir, rows, config.num_pictures)
+    summary = {k: {m: round(v[m], 4) for m in ("AR@100", "AP")} for k, v in metrics["segm"].items()}
+    logging.info("Demo metrics against the generated ground truth (mask): %s", json.dumps(summary))
+    logging.info("Levels: %s", json.dumps(metrics["levels"]))
+    logging.info("Wrote %s and pictures in %s", os.path.join(out_dir, "metrics.json"), os.path.join(workdir, "pictures"))
+    return metrics

@@ -1,0 +1,518 @@
+"""Stage 1 end to end: a folder of images -> hierarchical COCO pseudo-labels (HASSOD_SPEC 1.1-1.5).
+
+Flow per image: decode (worker) -> 480x480 Lanczos + ImageNet normalisation -> DINO keys
+(device batch) -> ONE HAC merge sequence cut at every threshold (device batch) -> per
+threshold: bilinear upsample, dense CRF, IoU filter, resize to the original size, area and
+corner filters, hole filling, RLE (workers, or the CRF on the device) -> pool all thresholds ->
+coverage tree levels.
+
+Resume: the image list of this shard is cut into chunks of `chunk_size` images; each finished
+chunk is one JSON file written atomically under `W/pseudo_labels/work/shard_S_of_N/`. A rerun
+skips finished chunks, so a kill at any point loses at most the chunk in flight. The final
+files are assembled from the chunk files in global image order, and annotation ids are given
+then, so a resumed, sharded or merged run writes exactly what one uninterrupted run writes.
+
+Outputs (W = workdir):
+    W/pseudo_labels/thresh_{θ}.json        one threshold's kept masks (levels from its own tree)
+    W/pseudo_labels/pseudo_labels_hier.json the ensemble with hier_level (1.5)
+    W/pseudo_labels/skipped.json           images that could not be used, with the reason
+"""
+
+import glob
+import json
+import multiprocessing
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from hassod_jax import utils
+from hassod_jax.data import images as image_io
+
+OUTPUT_DIR = "pseudo_labels"
+ENSEMBLE_FILE = "pseudo_labels_hier.json"
+SKIPPED_FILE = "skipped.json"
+CATEGORIES = [{"id": 1, "name": "fg", "supercategory": "fg"}]
+
+# Config fields that change what a chunk holds: a resume with other values is refused.
+_RESULT_FIELDS = (
+    "backbone",
+    "dino_checkpoint",
+    "feature_kind",
+    "dtype",
+    "image_size",
+    "thresholds",
+    "coverage",
+    "min_area",
+    "crf_backend",
+    "crf",
+    "chunk_size",
+    "coco_json",
+    "max_images",
+)
+
+
+def threshold_name(theta):
+    """File-name form of a threshold: 0.4 -> '0.4', 0.05 -> '0.05'."""
+    return f"{float(theta):g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbones
+
+
+class FeatureExtractor:
+    """Maps a batch of normalised 480x480 images to (B, h, w, D) float32 patch features."""
+
+    def __init__(self, config):
+        self.kind = config.backbone
+        if self.kind == "dino":
+            from hassod_jax.models import vit
+
+            path = config.dino_checkpoint
+            if not path:
+                raise utils.ConfigError(
+                    "backbone='dino' needs the DINO ViT checkpoint: set "
+                    "--config.dino_checkpoint=/path/to/dino_vitbase8_pretrain.pth "
+                    "(or --config.backbone=standin for the weight-free demo stand-in)"
+                )
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"DINO checkpoint not found: {path}. Download dino_vitbase8_pretrain.pth from "
+                    "the official DINO release and set --config.dino_checkpoint to its path."
+                )
+            import jax.numpy as jnp
+
+            dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+            self.module, self.params = vit.load_dino_vit(path, dtype=dtype)
+            self.patch = self.module.patch_size
+            self.feature_kind = config.feature_kind
+            self.description = f"DINO ViT from {path} ({config.feature_kind}, {config.dtype})"
+        elif self.kind == "standin":
+            self.patch = 8
+            self.description = (
+                "stand-in backbone (per-patch colour and texture statistics, no weights); "
+                "set --config.dino_checkpoint for real DINO features"
+            )
+        else:
+            raise utils.ConfigError(f"config.backbone must be 'dino' or 'standin', got {self.kind!r}")
+
+    def __call__(self, normalized, uint8_images):
+        """normalized: (B,S,S,3) float32; uint8_images: (B,S,S,3) uint8 -> (B,h,w,D) float32."""
+        if self.kind == "dino":
+            from hassod_jax.models import vit
+
+            feats = vit.dino_features(self.module, self.params, normalized, kind=self.feature_kind)
+            return np.asarray(feats, dtype=np.float32)
+        from hassod_jax.discovery import standin
+
+        size = uint8_images.shape[1]
+        grid = (size // self.patch, size // self.patch)
+        return np.stack([standin.standin_features(im, grid=grid) for im in uint8_images])
+
+
+def resolve_crf_backend(name):
+    """'auto' -> 'jax' on an accelerator, 'pydensecrf' on CPU (the faster one there)."""
+    if name == "auto":
+        import jax
+
+        return "jax" if jax.default_backend() != "cpu" else "pydensecrf"
+    if name not in ("jax", "pydensecrf"):
+        raise utils.ConfigError(f"config.crf_backend must be auto, jax or pydensecrf; got {name!r}")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image work that runs in worker processes (no JAX there: they are started with 'spawn').
+
+
+def _decode(args):
+    """Reads one image. Returns a dict with the resized inputs, or with `reason` on failure."""
+    index, path, size, patch = args
+    t0 = time.perf_counter()
+    try:
+        img = image_io.load_image_rgb(path)
+    except image_io.ImageReadError as e:
+        return {"index": index, "reason": str(e)}
+    h, w = img.shape[:2]
+    if h < patch or w < patch:
+        return {"index": index, "reason": f"{path}: image is {w}x{h}, smaller than one {patch}x{patch} patch"}
+    small = image_io.resize_uint8(img, size)
+    return {
+        "index": index,
+        "height": h,
+        "width": w,
+        "uint8": small,
+        "normalized": image_io.normalize_imagenet(small),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+class _FixedQ:
+    """A crf_fn that returns CRF marginals computed elsewhere (on the device)."""
+
+    def __init__(self, q):
+        self.q = q
+
+    def __call__(self, image, probs, **kwargs):
+        return self.q
+
+
+def _pydensecrf_fn(crf_kwargs):
+    from hassod_jax.discovery import crf
+
+    fn = crf.get_crf_fn("pydensecrf")
+    return lambda image, probs: fn(image, probs, **crf_kwargs)
+
+
+def postprocess_image(job):
+    """Refines every threshold's regions of one image, pools them and assigns levels.
+
+    job: dict with uint8 (S,S,3), height, width, partitions (list over thresholds of (R,h,w)
+    bool), and either qs (list over thresholds of (R,S,S) CRF marginals) or crf_kwargs.
+    Returns {'per_threshold': [[ann...] per threshold], 'ensemble': [ann...], 'seconds': s}.
+    """
+    from pycocotools import mask as mask_utils
+
+    from hassod_jax.discovery import hierarchy, refine
+
+    t0 = time.perf_counter()
+    per_threshold = []
+    for t, regions in enumerate(job["partitions"]):
+        if job.get("qs") is not None:
+            crf_fn = _FixedQ(job["qs"][t])
+        else:
+            crf_fn = _pydensecrf_fn(job["crf_kwargs"])
+        anns = refine.refine_regions(
+            job["uint8"],
+            regions,
+            (job["height"], job["width"]),
+            crf_fn,
+            min_area=job["min_area"],
+        )
+        per_threshold.append(anns)
+
+    def with_levels(anns):
+        if not anns:
+            return []
+        masks = mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
+        levels, _ = hierarchy.hierarchy_levels(masks, coverage=job["coverage"])
+        return [dict(a, hier_level=int(lv)) for a, lv in zip(anns, levels)]
+
+    ensemble = with_levels([a for anns in per_threshold for a in anns])
+    per_threshold = [with_levels(anns) for anns in per_threshold]
+    return {"per_threshold": per_threshold, "ensemble": ensemble, "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _pool(num_workers):
+    if num_workers == 0:
+        return None
+    if num_workers < 0:
+        num_workers = max(1, (os.cpu_count() or 2) - 1)
+    # 'spawn': the parent has started JAX's threads, and forking a threaded process is unsafe.
+    return multiprocessing.get_context("spawn").Pool(num_workers)
+
+
+def _imap(pool, fn, items):
+    if pool is None:
+        return map(fn, items)
+    return pool.imap(fn, items)
+
+
+def _list_images(config):
+    if not config.images:
+        raise utils.ConfigError(
+            f"config.images is not set: set --config.images=/path/to/image/folder (mode={config.mode})"
+        )
+    items = image_io.list_images(config.images, config.coco_json or None)
+    if config.max_images is not None and config.max_images >= 0:
+        items = items[: config.max_images]
+    return items
+
+
+def _shard_dir(out_dir, shard, num_shards):
+    return os.path.join(out_dir, "work", f"shard_{shard:04d}_of_{num_shards:04d}")
+
+
+def _check_resume_config(out_dir, config):
+    """Refuses to resume a workdir that was started with other result-changing settings."""
+    snapshot = {k: _jsonable(config[k]) for k in _RESULT_FIELDS if k in config}
+    path = os.path.join(out_dir, "work", "config.json")
+    if os.path.exists(path):
+        previous = utils.read_json(path, "resume record")
+        changed = {k: (previous.get(k), v) for k, v in snapshot.items() if previous.get(k) != v}
+        if changed:
+            lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise utils.ConfigError(
+                f"{out_dir} holds a run with other settings ({lines}); use a fresh --workdir "
+                "or restore the settings to resume it"
+            )
+    else:
+        utils.atomic_write_json(path, snapshot, indent=1)
+
+
+def _jsonable(v):
+    if hasattr(v, "to_dict"):
+        return {k: _jsonable(x) for k, x in v.to_dict().items()}
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def process_shard(config, out_dir, items, shard, num_shards):
+    """Discovers pseudo-labels for slice `shard` of `items`, chunk by chunk, resumably."""
+    thresholds = [float(t) for t in config.thresholds]
+    if not thresholds:
+        raise utils.ConfigError("config.thresholds is empty: give at least one HAC threshold")
+    indices = list(range(shard, len(items), num_shards))
+    shard_dir = _shard_dir(out_dir, shard, num_shards)
+    os.makedirs(shard_dir, exist_ok=True)
+    chunks = [indices[i : i + config.chunk_size] for i in range(0, len(indices), config.chunk_size)]
+    pending = [
+        k for k in range(len(chunks)) if not os.path.exists(os.path.join(shard_dir, f"chunk_{k:06d}.json"))
+    ]
+    if len(pending) < len(chunks):
+        logging.info("Resuming: %d of %d chunks already done", len(chunks) - len(pending), len(chunks))
+    if pending:
+        extractor = FeatureExtractor(config)
+        logging.info("Backbone: %s", extractor.description)
+        backend = resolve_crf_backend(config.crf_backend)
+        logging.info("CRF backend: %s", backend)
+        crf_kwargs = dict(config.crf.to_dict())
+        progress = utils.Progress(
+            sum(len(chunks[k]) for k in pending), name="images", every_s=config.log_every_s
+        )
+        pool = _pool(config.num_workers)
+        try:
+            for k in pending:
+                record = _process_chunk(
+                    config, items, chunks[k], extractor, backend, crf_kwargs, thresholds, pool, progress
+                )
+                utils.atomic_write_json(os.path.join(shard_dir, f"chunk_{k:06d}.json"), record)
+            progress.update(0, force=True)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    utils.atomic_write_json(
+        os.path.join(shard_dir, "done.json"), {"num_chunks": len(chunks), "num_images": len(indices)}
+    )
+
+
+def _process_chunk(config, items, chunk, extractor, backend, crf_kwargs, thresholds, pool, progress):
+    """Decodes, extracts, merges and refines one chunk; returns its JSON record."""
+    from hassod_jax.discovery import hac
+
+    size = config.image_size
+    t0 = time.perf_counter()
+    decode_args = [(i, os.path.join(config.images, items[i][1]), size, extractor.patch) for i in chunk]
+    decoded = list(_imap(pool, _decode, decode_args))
+    progress.add_time("decode", time.perf_counter() - t0)
+
+    skipped = [{"index": d["index"], "reason": d["reason"]} for d in decoded if "reason" in d]
+    for s in skipped:
+        logging.warning("Skipping image: %s", s["reason"])
+    good = [d for d in decoded if "reason" not in d]
+
+    # Features and the merge sequence, a fixed device batch at a time (the last one padded so
+    # every call has the same shape and compiles once).
+    partitions, bs = [], config.batch_size
+    for b in range(0, len(good), bs):
+        batch = good[b : b + bs]
+        pad = bs - len(batch)
+        norm = np.stack([d["normalized"] for d in batch] + [batch[-1]["normalized"]] * pad)
+        u8 = np.stack([d["uint8"] for d in batch] + [batch[-1]["uint8"]] * pad)
+        t1 = time.perf_counter()
+        feats = extractor(norm, u8)
+        t2 = time.perf_counter()
+        parts = hac.hac_partitions(feats, thresholds)[: len(batch)]
+        t3 = time.perf_counter()
+        progress.add_time("features", t2 - t1)
+        progress.add_time("hac", t3 - t2)
+        partitions.extend(parts)
+
+    jobs = []
+    for d, parts in zip(good, partitions):
+        job = {
+            "uint8": d["uint8"],
+            "height": d["height"],
+            "width": d["width"],
+            "partitions": parts,
+            "coverage": config.coverage,
+            "min_area": config.min_area,
+            "crf_kwargs": crf_kwargs,
+        }
+        if backend == "jax":
+            t1 = time.perf_counter()
+            job["qs"] = [_jax_crf(d["uint8"], p, crf_kwargs, size) for p in parts]
+            progress.add_time("crf", time.perf_counter() - t1)
+        jobs.append(job)
+
+    t1 = time.perf_counter()
+    images, per_image = [], []
+    for d, parts, result in zip(good, partitions, _imap(pool, postprocess_image, jobs)):
+        index = d["index"]
+        image_id, file_name = items[index]
+        images.append(
+            {"index": index, "id": image_id, "file_name": file_name, "height": d["height"], "width": d["width"]}
+        )
+        per_image.append(
+            {
+                "ensemble": result["ensemble"],
+                "per_threshold": result["per_threshold"],
+                "regions": [int(p.shape[0]) for p in parts],
+            }
+        )
+        progress.update(1)
+    progress.add_time("refine", time.perf_counter() - t1)
+    for s in skipped:
+        s["file_name"] = items[s["index"]][1]
+        s["image_id"] = items[s["index"]][0]
+    progress.update(len(skipped))
+    return {"images": images, "results": per_image, "skipped": skipped}
+
+
+_CRF_CACHE = {}
+
+
+def _jax_crf(image_u8, regions, crf_kwargs, size):
+    """CRF marginals on the device for one threshold's regions, labels padded to a bucket."""
+    from hassod_jax.discovery import crf, refine
+
+    r = regions.shape[0]
+    probs = refine.upsample_masks(regions, (size, size))
+    bucket = max(8, 1 << (r - 1).bit_length())
+    padded = np.zeros((bucket,) + probs.shape[1:], np.float32)
+    padded[:r] = probs
+    valid = np.arange(bucket) < r
+    q = crf.dense_crf(image_u8, padded, valid, **crf_kwargs)
+    return np.asarray(q)[:r]
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembly of the final files
+
+
+def _read_shards(out_dir):
+    shard_dirs = sorted(glob.glob(os.path.join(out_dir, "work", "shard_*_of_*")))
+    if not shard_dirs:
+        raise FileNotFoundError(f"No discovery shards under {out_dir}/work: run mode=discover first")
+    counts = {os.path.basename(d).split("_of_")[1] for d in shard_dirs}
+    if len(counts) != 1:
+        raise ValueError(f"{out_dir}/work mixes shard counts {sorted(counts)}; use one sharding per workdir")
+    total = int(counts.pop())
+    missing = [
+        s for s in range(total) if not os.path.exists(os.path.join(_shard_dir(out_dir, s, total), "done.json"))
+    ]
+    if missing:
+        raise RuntimeError(
+            f"Shards {missing} of {total} under {out_dir}/work are not finished; "
+            "run (or resume) those jobs, then merge again"
+        )
+    records = []
+    for s in range(total):
+        d = _shard_dir(out_dir, s, total)
+        n = utils.read_json(os.path.join(d, "done.json"), "shard record")["num_chunks"]
+        for k in range(n):
+            records.append(utils.read_json(os.path.join(d, f"chunk_{k:06d}.json"), "chunk file"))
+    return records
+
+
+def assemble(out_dir, thresholds):
+    """Writes the per-threshold files, the ensemble and skipped.json from all chunk files.
+
+    Images are ordered by their index in the global image list and annotation ids run from 1
+    in that order, so the result does not depend on sharding or on resumption.
+    """
+    records = _read_shards(out_dir)
+    rows, skipped = [], []
+    for rec in records:
+        rows.extend(zip(rec["images"], rec["results"]))
+        skipped.extend(rec["skipped"])
+    rows.sort(key=lambda r: r[0]["index"])
+    skipped.sort(key=lambda s: s["index"])
+    images = [{k: v for k, v in im.items() if k != "index"} for im, _ in rows]
+
+    def write(path, pick):
+        anns, next_id = [], 1
+        for im, res in rows:
+            for a in pick(res):
+                anns.append(
+                    {
+                        "id": next_id,
+                        "image_id": im["id"],
+                        "category_id": 1,
+                        "iscrowd": 0,
+                        "segmentation": a["segmentation"],
+                        "area": a["area"],
+                        "bbox": a["bbox"],
+                        "hier_level": a["hier_level"],
+                    }
+                )
+                next_id += 1
+        coco = {"images": images, "annotations": anns, "categories": CATEGORIES}
+        utils.atomic_write_bytes(path, json.dumps(coco).encode("utf-8"))
+        return len(anns)
+
+    counts = {}
+    for t, theta in enumerate(thresholds):
+        name = f"thresh_{threshold_name(theta)}.json"
+        counts[name] = write(os.path.join(out_dir, name), lambda res, t=t: res["per_threshold"][t])
+    counts[ENSEMBLE_FILE] = write(os.path.join(out_dir, ENSEMBLE_FILE), lambda res: res["ensemble"])
+    skipped_rows = [{k: v for k, v in s.items() if k != "index"} for s in skipped]
+    utils.atomic_write_json(os.path.join(out_dir, SKIPPED_FILE), skipped_rows, indent=1)
+    for name, n in counts.items():
+        logging.info("%s: %d annotations on %d images", name, n, len(images))
+    logging.info("%d images skipped (listed in %s)", len(skipped_rows), SKIPPED_FILE)
+    return {"images": len(images), "skipped": len(skipped_rows), "annotations": counts, "rows": rows}
+
+
+def discover(config, workdir, out_name=OUTPUT_DIR):
+    """Runs (or resumes) this process's shard; assembles the final files when it can."""
+    import jax
+
+    from hassod_jax import parallel
+
+    parallel.maybe_initialize_distributed()
+    out_dir = os.path.join(workdir, out_name)
+    items = _list_images(config)
+    logging.info("%d images listed from %s", len(items), config.images)
+    shard, num_shards = parallel.shard_index(config.job_index, config.num_jobs)
+    if jax.process_index() == 0:
+        _check_resume_config(out_dir, config)
+    process_shard(config, out_dir, items, shard, num_shards)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("hassod_discovery_shards_done")
+    if num_shards == 1 or (config.num_jobs == 1 and jax.process_index() == 0):
+        return assemble(out_dir, config.thresholds)
+    logging.info(
+        "Shard %d of %d done; when every job has finished run mode=merge_pseudo_labels on %s",
+        shard,
+        num_shards,
+        workdir,
+    )
+    return None
+
+
+def run(config, workdir):
+    """mode=discover."""
+    discover(config, workdir)
+
+
+def run_merge(config, workdir):
+    """mode=merge_pseudo_labels: joins finished shards into the final files."""
+    assemble(os.path.join(workdir, OUTPUT_DIR), config.thresholds)
+
+
+def run_sweep(config, workdir):
+    """mode=sweep: per-threshold statistics (and AR/AP with ground truth) from one sequence each."""
+    from hassod_jax.discovery import sweep
+
+    sweep.run(config, workdir)

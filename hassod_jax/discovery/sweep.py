@@ -1,0 +1,101 @@
+"""mode=sweep: many HAC thresholds from ONE merge sequence per image (HASSOD_SPEC 1.2).
+
+Writes `W/sweep/sweep.json` with, per threshold, the mean number of HAC regions and of kept
+(refined) masks per image and, when `config.gt_json` is given, class-agnostic mask AR/AP of
+that threshold's pseudo-labels, of the sweep's full ensemble and of the published ensemble
+(`config.ensemble_thresholds`, when every one of them is in the sweep).
+"""
+
+import os
+
+import numpy as np
+from absl import logging
+
+from hassod_jax import utils
+from hassod_jax.discovery import pipeline
+
+OUTPUT_DIR = "sweep"
+
+
+def _predictions(rows, pick, image_ids=None):
+    preds = []
+    for im, res in rows:
+        if image_ids is not None and im["id"] not in image_ids:
+            continue
+        for a in pick(res):
+            preds.append(
+                {
+                    "image_id": im["id"],
+                    "category_id": 1,
+                    "segmentation": a["segmentation"],
+                    "bbox": a["bbox"],
+                    "area": a["area"],
+                    "score": 1.0,
+                    "hier_level": a["hier_level"],
+                }
+            )
+    return preds
+
+
+def threshold_statistics(rows, thresholds):
+    """Mean HAC regions and kept masks per image for each threshold."""
+    n = max(len(rows), 1)
+    stats = {}
+    for t, theta in enumerate(thresholds):
+        regions = sum(res["regions"][t] for _, res in rows)
+        kept = sum(len(res["per_threshold"][t]) for _, res in rows)
+        stats[pipeline.threshold_name(theta)] = {
+            "regions_per_image": regions / n,
+            "masks_per_image": kept / n,
+        }
+    stats["ensemble"] = {"masks_per_image": sum(len(res["ensemble"]) for _, res in rows) / n}
+    return stats
+
+
+def evaluate_thresholds(rows, thresholds, gt_json, ensemble_thresholds=()):
+    """Class-agnostic mask AR/AP per threshold and for the ensembles, against `gt_json`."""
+    from hassod_jax.data import coco
+    from hassod_jax.evaluate import coco_eval
+
+    gt = coco.load_coco_json(gt_json)
+    gt_ids = {im["id"] for im in gt["images"]}
+
+    def score(pick):
+        preds = _predictions(rows, pick, gt_ids)
+        return coco_eval.evaluate_coco(gt, preds, iou_types=("segm",))["segm"]
+
+    out = {}
+    for t, theta in enumerate(thresholds):
+        out[pipeline.threshold_name(theta)] = score(lambda res, t=t: res["per_threshold"][t])
+    out["ensemble"] = score(lambda res: res["ensemble"])
+    names = [pipeline.threshold_name(t) for t in thresholds]
+    wanted = [pipeline.threshold_name(t) for t in ensemble_thresholds]
+    if wanted and all(w in names for w in wanted):
+        idx = [names.index(w) for w in wanted]
+        key = "ensemble_" + "_".join(wanted)
+        out[key] = score(lambda res: [a for i in idx for a in res["per_threshold"][i]])
+    return out
+
+
+def run(config, workdir):
+    result = pipeline.discover(config, workdir, out_name=OUTPUT_DIR)
+    if result is None:  # a shard of a multi-job sweep: the merge step evaluates
+        return None
+    rows = result["rows"]
+    report = {"thresholds": list(config.thresholds), "images": len(rows)}
+    report["statistics"] = threshold_statistics(rows, config.thresholds)
+    if config.gt_json:
+        report["segm"] = evaluate_thresholds(
+            rows, config.thresholds, config.gt_json, config.ensemble_thresholds
+        )
+    out = os.path.join(workdir, OUTPUT_DIR, "sweep.json")
+    utils.atomic_write_json(out, report, indent=1)
+    lines = [f"{'threshold':>10} {'regions/img':>12} {'masks/img':>10} {'AR@100':>8} {'AP':>8}"]
+    for key, st in report["statistics"].items():
+        ev = report.get("segm", {}).get(key, {})
+        lines.append(
+            f"{key:>10} {st.get('regions_per_image', np.nan):12.2f} {st['masks_per_image']:10.2f} "
+            f"{ev.get('AR@100', np.nan):8.4f} {ev.get('AP', np.nan):8.4f}"
+        )
+    logging.info("Threshold sweep (%s):\n%s", out, "\n".join(lines))
+    return report

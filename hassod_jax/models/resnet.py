@@ -1,0 +1,379 @@
+"""ResNet backbone (HASSOD_SPEC.md §2.1) in flax.linen, NHWC, with its DINO weight loader.
+
+The architecture is torchvision's / detectron2's ResNet-50 "v1.5": the stride of a
+bottleneck block sits in its 3x3 conv, the stem is conv7x7/2 + BN + ReLU + maxpool3x3/2,
+and each stage's first block has a 1x1 projection shortcut. Nothing is frozen.
+
+Batch norm and cross-device synchronisation: `nn.BatchNorm` is used *without* an
+`axis_name`. Under `jax.jit` with the batch sharded over a `Mesh` (`NamedSharding`), the
+batch statistics are a plain `mean` over the global batch axis, which XLA computes with a
+cross-device all-reduce, so the statistics ARE synchronised across the data axis exactly as
+detectron2's SyncBN (no `pmap`-style `axis_name` is needed or allowed). Momentum 0.9 in
+flax terms equals torch's `momentum=0.1`; eps 1e-5.
+
+Submodule names follow detectron2 (`stem_conv1`, `res2_0/conv1`, `res2_0/shortcut` ...),
+so the conversion from torchvision or detectron2 names is mechanical (see `load_resnet50`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+BN_MOMENTUM = 0.9  # flax convention; = torch BatchNorm momentum 0.1
+BN_EPS = 1e-5
+
+# Detectron2's c2_msra_fill / torchvision's kaiming_normal_(mode="fan_out", relu).
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    """Static ResNet configuration.
+
+    block: "bottleneck" (ResNet-50 style, expansion 4) or "basic" (ResNet-18 style).
+    stage_sizes: number of blocks in res2..res5.
+    width: channels of the stem and of res2's inner convs (64 for ResNet-50); doubles per stage.
+    """
+
+    block: str = "bottleneck"
+    stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+    width: int = 64
+
+    def out_channels(self) -> dict[str, int]:
+        expansion = 4 if self.block == "bottleneck" else 1
+        return {f"res{i + 2}": self.width * (2**i) * expansion for i in range(4)}
+
+
+RESNET50 = ResNetConfig()
+# Small variant for tests and the CPU demo: ResNet-18-like basic blocks, narrower.
+RESNET_SMALL = ResNetConfig(block="basic", stage_sizes=(1, 1, 1, 1), width=16)
+
+
+def _bn(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPS,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _conv(features: int, k: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+    # Explicit symmetric padding k//2 as in torch (flax "SAME" pads asymmetrically for stride 2).
+    p = k // 2
+    return nn.Conv(
+        features,
+        (k, k),
+        strides=(stride, stride),
+        padding=((p, p), (p, p)),
+        use_bias=False,
+        kernel_init=_conv_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride here) -> 1x1 (x4), projection shortcut when shapes change."""
+
+    inner: int
+    out: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        d = self.dtype
+        y = nn.relu(_bn(train, "norm1", d)(_conv(self.inner, 1, 1, "conv1", d)(x)))
+        y = nn.relu(_bn(train, "norm2", d)(_conv(self.inner, 3, self.stride, "conv2", d)(y)))
+        y = _bn(train, "norm3", d)(_conv(self.out, 1, 1, "conv3", d)(y))
+        if x.shape[-1] != self.out or self.stride != 1:
+            x = _bn(train, "shortcut_norm", d)(_conv(self.out, 1, self.stride, "shortcut", d)(x))
+        return nn.relu(x + y)
+
+
+class BasicBlock(nn.Module):
+    """3x3 (stride) -> 3x3, projection shortcut when shapes change (ResNet-18/34)."""
+
+    inner: int
+    out: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        d = self.dtype
+        y = nn.relu(_bn(train, "norm1", d)(_conv(self.out, 3, self.stride, "conv1", d)(x)))
+        y = _bn(train, "norm2", d)(_conv(self.out, 3, 1, "conv2", d)(y))
+        if x.shape[-1] != self.out or self.stride != 1:
+            x = _bn(train, "shortcut_norm", d)(_conv(self.out, 1, self.stride, "shortcut", d)(x))
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """ResNet backbone.
+
+    `__call__(images, train)`: images (B, H, W, 3) float, already normalised; returns
+    {"res2": (B, H/4, W/4, C2), "res3": (B, H/8, ..), "res4": (B, H/16, ..),
+    "res5": (B, H/32, ..)} in `dtype`.
+    """
+
+    config: ResNetConfig = RESNET50
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        cfg = self.config
+        if cfg.block not in ("bottleneck", "basic"):
+            raise ValueError(f"ResNetConfig.block must be 'bottleneck' or 'basic', got {cfg.block}")
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"ResNet expects images (B, H, W, 3) NHWC, got {images.shape}")
+        d = self.dtype
+        x = images.astype(d)
+        x = nn.Conv(
+            cfg.width,
+            (7, 7),
+            strides=(2, 2),
+            padding=((3, 3), (3, 3)),
+            use_bias=False,
+            kernel_init=_conv_init,
+            dtype=d,
+            param_dtype=jnp.float32,
+            name="stem_conv1",
+        )(x)
+        x = nn.relu(_bn(train, "stem_norm", d)(x))
+        # reduce_window pads with -inf, like torch's max_pool2d(kernel 3, stride 2, padding 1).
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        outputs = {}
+        expansion = 4 if cfg.block == "bottleneck" else 1
+        block_cls = Bottleneck if cfg.block == "bottleneck" else BasicBlock
+        for s, n_blocks in enumerate(cfg.stage_sizes):
+            inner = cfg.width * 2**s
+            for i in range(n_blocks):
+                stride = 2 if (i == 0 and s > 0) else 1
+                x = block_cls(inner, inner * expansion, stride, dtype=d, name=f"res{s + 2}_{i}")(
+                    x, train
+                )
+            outputs[f"res{s + 2}"] = x
+        return outputs
+
+
+# --------------------------------------------------------------------------------------
+# Weight loading.
+# --------------------------------------------------------------------------------------
+
+_PREFIXES = (
+    "teacher.",
+    "state_dict.",
+    "model.",
+    "module.",
+    "backbone.bottom_up.",
+    "backbone.",
+    "encoder.",
+)
+
+
+def _strip_prefixes(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = dict(sd)
+    # A flattened DINO checkpoint holds both 'student.*' and 'teacher.*': keep the teacher.
+    if any(k.startswith("teacher.") for k in out):
+        out = {k: v for k, v in out.items() if k.startswith("teacher.")}
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if out and all(k.startswith(p) for k in out):
+                out = {k[len(p) :]: v for k, v in out.items()}
+                changed = True
+    return out
+
+
+def _unnest(obj: Any) -> dict[str, Any]:
+    """Finds the flat {name: array} dict inside DINO / detectron2 checkpoint wrappers."""
+    for key in ("teacher", "state_dict", "model"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            return _unnest(obj[key])
+    return obj
+
+
+_TV_BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def _torchvision_to_d2(name: str) -> str | None:
+    """torchvision ResNet name -> detectron2 name; None for ignored keys (fc, counters)."""
+    if name.startswith("fc.") or name.endswith("num_batches_tracked"):
+        return None
+    m = re.fullmatch(r"conv1\.weight", name)
+    if m:
+        return "stem.conv1.weight"
+    m = re.fullmatch(r"bn1\.(\w+)", name)
+    if m:
+        return f"stem.conv1.norm.{m.group(1)}"
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv\d)\.weight", name)
+    if m:
+        return f"res{int(m.group(1)) + 1}.{m.group(2)}.{m.group(3)}.weight"
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.bn(\d)\.(\w+)", name)
+    if m:
+        return f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.norm.{m.group(4)}"
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.0\.weight", name)
+    if m:
+        return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.weight"
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.1\.(\w+)", name)
+    if m:
+        return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.norm.{m.group(3)}"
+    return name  # unknown: reported as unexpected
+
+
+def _d2_to_flax_path(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """detectron2 name -> (collection, path in the flax variable tree)."""
+    if name.endswith("num_batches_tracked"):
+        return None
+    m = re.fullmatch(r"stem\.conv1\.weight", name)
+    if m:
+        return "params", ("stem_conv1", "kernel")
+    m = re.fullmatch(r"stem\.conv1\.norm\.(\w+)", name)
+    if m and m.group(1) in _TV_BN:
+        f = _TV_BN[m.group(1)]
+        return ("params" if f in ("scale", "bias") else "batch_stats"), ("stem_norm", f)
+    m = re.fullmatch(r"(res\d)\.(\d+)\.(conv\d|shortcut)\.weight", name)
+    if m:
+        return "params", (f"{m.group(1)}_{m.group(2)}", m.group(3), "kernel")
+    m = re.fullmatch(r"(res\d)\.(\d+)\.(conv(\d)|shortcut)\.norm\.(\w+)", name)
+    if m and m.group(5) in _TV_BN:
+        f = _TV_BN[m.group(5)]
+        norm = "shortcut_norm" if m.group(3) == "shortcut" else f"norm{m.group(4)}"
+        coll = "params" if f in ("scale", "bias") else "batch_stats"
+        return coll, (f"{m.group(1)}_{m.group(2)}", norm, f)
+    return None
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            out.update(_flatten(dict(v), prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+def resnet_variables_from_state_dict(
+    state_dict: dict[str, np.ndarray],
+    config: ResNetConfig = RESNET50,
+    source: str = "<state_dict>",
+) -> dict:
+    """Converts a torchvision- or detectron2-named ResNet state dict to flax variables.
+
+    Args:
+      state_dict: {name: array}; conv weights (O, I, kh, kw), BN weight/bias/running_*.
+        Optional wrappers ('teacher'/'state_dict'/'model') and prefixes ('module.',
+        'backbone.', 'backbone.bottom_up.') are removed.
+      config: the ResNet the weights are for.
+      source: file name used in error messages.
+
+    Returns:
+      {"params": ..., "batch_stats": ...} float32 numpy arrays for `ResNet(config)`.
+
+    Raises:
+      ValueError listing missing, unexpected and shape-mismatched keys.
+    """
+    import jax
+
+    sd = _strip_prefixes(_unnest(state_dict))
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"{source}: no ResNet state dict found")
+    d2_style = any(k.startswith("stem.") or re.match(r"res\d\.", k) for k in sd)
+    template = jax.eval_shape(
+        lambda: ResNet(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    )
+    expected = {}
+    for coll in ("params", "batch_stats"):
+        for path, leaf in _flatten(dict(template[coll])).items():
+            expected[(coll,) + path] = leaf.shape
+
+    flat: dict[tuple, np.ndarray] = {}
+    unexpected, mismatched = [], []
+    for name, value in sd.items():
+        d2_name = name if d2_style else _torchvision_to_d2(name)
+        if d2_name is None:
+            continue
+        target = _d2_to_flax_path(d2_name)
+        if target is None:
+            if not d2_name.endswith("num_batches_tracked"):
+                unexpected.append(name)
+            continue
+        coll, path = target
+        arr = np.asarray(value, dtype=np.float32)
+        if path[-1] == "kernel":
+            if arr.ndim != 4:
+                mismatched.append(f"{name}: expected a 4-D conv weight, got shape {arr.shape}")
+                continue
+            arr = arr.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
+        key = (coll,) + path
+        if key not in expected:
+            unexpected.append(name)
+            continue
+        if tuple(arr.shape) != tuple(expected[key]):
+            mismatched.append(f"{name}: checkpoint {arr.shape} vs model {tuple(expected[key])}")
+            continue
+        flat[key] = arr
+    missing = ["/".join(k) for k in expected if k not in flat]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{source}: checkpoint does not match ResNet({config}):\n"
+            f"  missing ({len(missing)}): {missing[:20]}\n"
+            f"  unexpected ({len(unexpected)}): {sorted(unexpected)[:20]}\n"
+            f"  mismatched ({len(mismatched)}): {mismatched[:20]}"
+        )
+    tree = _unflatten(flat)
+    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+
+
+def load_resnet50(
+    path: str | os.PathLike, config: ResNetConfig = RESNET50, dtype: Any = jnp.float32
+) -> tuple[ResNet, dict]:
+    """Loads a ResNet-50 checkpoint (no torch needed).
+
+    Accepts the DINO `dino_resnet50_pretrain.pth` (torchvision names: conv1, bn1,
+    layer1.0.conv1 ..., downsample.0/1; fc.* ignored; 'teacher'/'state_dict' nesting and
+    'module.'/'backbone.' prefixes allowed) and the detectron2-format pickle
+    (`dino_RN50_pretrain_d2_format.pkl`: {'model': {stem.conv1.weight, stem.conv1.norm.*,
+    res2.0.conv1.weight, res2.0.conv1.norm.*, res2.0.shortcut.* ...}}).
+
+    Returns:
+      (module, variables): `module.apply(variables, images_nhwc, train=False)` gives
+      {"res2".."res5"} NHWC features.
+    """
+    from hassod_jax.weights.torch_reader import read_state_dict
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: ResNet checkpoint file not found")
+    sd = read_state_dict(path)
+    variables = resnet_variables_from_state_dict(sd, config, source=path)
+    return ResNet(config, dtype=dtype), variables
+
+
+def stage_strides() -> dict[str, int]:
+    return {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
