@@ -68,8 +68,6 @@ class FeatureExtractor:
     def __init__(self, config):
         self.kind = config.backbone
         if self.kind == "dino":
-            from hassod_jax.models import vit
-
             path = config.dino_checkpoint
             if not path:
                 raise utils.ConfigError(
@@ -83,6 +81,8 @@ class FeatureExtractor:
                     "the official DINO release and set --config.dino_checkpoint to its path."
                 )
             import jax.numpy as jnp
+
+            from hassod_jax.models import vit
 
             dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
             self.module, self.params = vit.load_dino_vit(path, dtype=dtype)

@@ -1,0 +1,226 @@
+"""Stage 1 end to end: outputs, schema, bad input, kill-and-resume, sharding + merge.
+
+The runs use the weight-free stand-in backbone and 160x160 inputs (20x20 patches) to stay
+fast; the per-step numerics are tested against their references in the other test files.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hassod_jax import defaults
+from hassod_jax.discovery import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAST = dict(backbone="standin", image_size=160, num_workers=0, crf_backend="pydensecrf")
+
+
+def _scene(seed, h=96, w=128):
+    """A small picture with a few flat coloured shapes on a textured background."""
+    rng = np.random.default_rng(seed)
+    img = (rng.normal(120, 12, (h, w, 3))).clip(0, 255)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(3):
+        cy, cx = rng.integers(10, h - 10), rng.integers(10, w - 10)
+        r = rng.integers(8, 25)
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+        img[m] = rng.integers(0, 255, 3)
+    return img.astype(np.uint8)
+
+
+def _write_images(folder, n, start_id=1):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(_scene(i)).save(os.path.join(folder, f"{start_id + i:012d}.png"))
+
+
+def _config(images, **overrides):
+    c = defaults.discovery()
+    c.images = str(images)
+    for k, v in {**FAST, **overrides}.items():
+        c[k] = v
+    return c
+
+
+def _cli(images, workdir, *extra):
+    args = [f"--config.{k}={v}" for k, v in FAST.items()]
+    return [
+        sys.executable,
+        "-m",
+        "hassod_jax.main",
+        "--config",
+        os.path.join(ROOT, "configs", "discover_coco.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.images={images}",
+        *args,
+        *extra,
+    ]
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """One uninterrupted in-process run on 5 images, 2 per chunk."""
+    root = tmp_path_factory.mktemp("baseline")
+    _write_images(root / "imgs", 5)
+    pipeline.discover(_config(root / "imgs", chunk_size=2), str(root / "w"))
+    return root
+
+
+def test_outputs_follow_the_spec_schema(baseline):
+    from pycocotools.coco import COCO
+
+    out = baseline / "w" / "pseudo_labels"
+    names = sorted(os.listdir(out))
+    for f in (
+        "thresh_0.4.json",
+        "thresh_0.2.json",
+        "thresh_0.1.json",
+        "pseudo_labels_hier.json",
+        "skipped.json",
+    ):
+        assert f in names
+    data = _load(out / "pseudo_labels_hier.json")
+    assert data["categories"] == [{"id": 1, "name": "fg", "supercategory": "fg"}]
+    assert [im["id"] for im in data["images"]] == [1, 2, 3, 4, 5]
+    assert len(data["annotations"]) > 0
+    ids = [a["id"] for a in data["annotations"]]
+    assert ids == list(range(1, len(ids) + 1))
+    per_threshold = sum(
+        len(_load(out / f"thresh_{t}.json")["annotations"]) for t in ("0.4", "0.2", "0.1")
+    )
+    assert per_threshold == len(ids)  # the ensemble pools every threshold, no de-duplication
+    for a in data["annotations"]:
+        assert set(a) == {
+            "id",
+            "image_id",
+            "category_id",
+            "iscrowd",
+            "segmentation",
+            "area",
+            "bbox",
+            "hier_level",
+        }
+        assert a["category_id"] == 1 and a["iscrowd"] == 0 and a["hier_level"] in (0, 1, 2)
+        assert isinstance(a["segmentation"]["counts"], str) and a["area"] >= 100
+    coco = COCO(str(out / "pseudo_labels_hier.json"))  # loads with pycocotools
+    m = coco.annToMask(data["annotations"][0])
+    assert m.shape == (96, 128) and m.sum() == data["annotations"][0]["area"]
+    assert _load(out / "skipped.json") == []
+
+
+def test_levels_are_the_coverage_tree_of_the_pooled_masks(baseline):
+    from pycocotools import mask as mask_utils
+
+    from tests.discovery import hac_reference
+
+    data = _load(baseline / "w" / "pseudo_labels" / "pseudo_labels_hier.json")
+    for image_id in (1, 2):
+        anns = [a for a in data["annotations"] if a["image_id"] == image_id]
+        masks = mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
+        levels, _ = hac_reference.hierarchy_levels_reference(masks, 0.9)
+        assert [a["hier_level"] for a in anns] == list(levels)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(baseline, tmp_path):
+    _write_images(tmp_path / "imgs", 5)
+    work = tmp_path / "w"
+    cmd = _cli(tmp_path / "imgs", work, "--config.chunk_size=1")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    chunk_dir = work / "pseudo_labels" / "work" / "shard_0000_of_0001"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = [f for f in os.listdir(chunk_dir)] if chunk_dir.exists() else []
+        if len([f for f in done if f.startswith("chunk_")]) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, (
+        "the run finished before it could be killed: " + proc.stderr.read().decode()
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "pseudo_labels" / "pseudo_labels_hier.json").exists()
+    # The rerun must refuse other settings, then finish with the same ones.
+    bad = subprocess.run(
+        cmd + ["--config.thresholds=(0.3,)"], cwd=ROOT, env=_env(), capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "fresh --workdir" in bad.stderr
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resuming" in r.stderr
+    for f in ("pseudo_labels_hier.json", "thresh_0.4.json", "thresh_0.1.json"):
+        assert _load(work / "pseudo_labels" / f) == _load(baseline / "w" / "pseudo_labels" / f), f
+
+
+def test_independent_jobs_merge_to_the_single_run(baseline, tmp_path):
+    _write_images(tmp_path / "imgs", 5)
+    for j in range(2):
+        pipeline.discover(
+            _config(tmp_path / "imgs", chunk_size=2, job_index=j, num_jobs=2), str(tmp_path / "w")
+        )
+    out = tmp_path / "w" / "pseudo_labels"
+    assert not (out / "pseudo_labels_hier.json").exists()  # each job only writes its shard
+    pipeline.run_merge(_config(tmp_path / "imgs"), str(tmp_path / "w"))
+    for f in ("pseudo_labels_hier.json", "thresh_0.2.json"):
+        assert _load(out / f) == _load(baseline / "w" / "pseudo_labels" / f)
+
+
+def test_merge_refuses_unfinished_shards(tmp_path):
+    _write_images(tmp_path / "imgs", 3)
+    pipeline.discover(_config(tmp_path / "imgs", job_index=1, num_jobs=2), str(tmp_path / "w"))
+    with pytest.raises(RuntimeError, match=r"Shards \[0\] of 2"):
+        pipeline.run_merge(_config(tmp_path / "imgs"), str(tmp_path / "w"))
+
+
+def _bad_and_odd_images(folder):
+    os.makedirs(folder, exist_ok=True)
+    rgb = _scene(7)
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    Image.fromarray(rgb[:5, :5]).save(folder / "tiny.png")  # smaller than one 8x8 patch
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_bytes(b"this is not an image")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def test_bad_input_is_skipped_with_reasons_and_odd_modes_are_processed(tmp_path):
+    _bad_and_odd_images(tmp_path / "imgs")
+    result = pipeline.discover(_config(tmp_path / "imgs", chunk_size=4), str(tmp_path / "w"))
+    out = tmp_path / "w" / "pseudo_labels"
+    skipped = {s["file_name"]: s["reason"] for s in _load(out / "skipped.json")}
+    assert set(skipped) == {"tiny.png", "empty.jpg", "notes.jpg", "truncated.jpg"}
+    for name, reason in skipped.items():
+        assert name in reason, reason
+    assert "patch" in skipped["tiny.png"]
+    done = {im["file_name"] for im in _load(out / "pseudo_labels_hier.json")["images"]}
+    assert done == {"gray.png", "rgba.png", "cmyk.jpg", "palette.png", "sixteen.png"}
+    assert result["skipped"] == 4
+
+
+def test_missing_folder_stops_with_a_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.images"):
+        pipeline.discover(_config(tmp_path / "nowhere"), str(tmp_path / "w"))
