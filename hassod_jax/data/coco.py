@@ -30,11 +30,15 @@ def validate_coco_dict(data, source="COCO data"):
     and must be a list (an image-list-only file may pass `annotations: []`).
     """
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a JSON object at the top level, got {type(data).__name__}")
+        raise ValueError(
+            f"{source}: expected a JSON object at the top level, got {type(data).__name__}"
+        )
     for key in ("images", "annotations"):
         if key not in data:
-            raise ValueError(f"{source}: missing the required key {key!r} (a COCO file has "
-                             "'images' and 'annotations' lists)")
+            raise ValueError(
+                f"{source}: missing the required key {key!r} (a COCO file has "
+                "'images' and 'annotations' lists)"
+            )
         if not isinstance(data[key], list):
             raise ValueError(f"{source}: {key!r} must be a list, got {type(data[key]).__name__}")
     for i, img in enumerate(data["images"]):
@@ -81,7 +85,9 @@ def segmentation_to_rle(segm, h, w):
         return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if list(segm["size"]) != [h, w]:
-            raise ValueError(f"RLE size {list(segm['size'])} does not match the image size {[h, w]}")
+            raise ValueError(
+                f"RLE size {list(segm['size'])} does not match the image size {[h, w]}"
+            )
         counts = segm["counts"]
         if isinstance(counts, list):
             return mask_utils.frPyObjects(segm, h, w)
@@ -89,7 +95,9 @@ def segmentation_to_rle(segm, h, w):
             return {"size": [h, w], "counts": counts.encode("ascii")}
         if isinstance(counts, bytes):
             return {"size": [h, w], "counts": counts}
-        raise ValueError(f"RLE counts must be str, bytes or a list of ints, got {type(counts).__name__}")
+        raise ValueError(
+            f"RLE counts must be str, bytes or a list of ints, got {type(counts).__name__}"
+        )
     raise ValueError(
         "segmentation must be a polygon list or an RLE dict with 'size' and 'counts', "
         f"got {type(segm).__name__}"

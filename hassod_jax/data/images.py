@@ -29,8 +29,20 @@ from PIL import Image, ImageFile
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm", ".pbm", ".pnm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+)
 DEFAULT_MAX_PIXELS = 2 * 89478485  # PIL's DecompressionBombError threshold.
 
 _PIL_GLOBALS_LOCK = threading.Lock()
@@ -139,7 +151,9 @@ def load_image_rgb(path, max_pixels=DEFAULT_MAX_PIXELS):
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as e:
         # PIL reports truncated/corrupt data as OSError ("image file is truncated", "broken
         # data stream", ...) and some decoders as SyntaxError/ValueError/EOFError.
-        raise ImageReadError(path, f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
+        raise ImageReadError(
+            path, f"corrupt or truncated image data ({type(e).__name__}: {e})"
+        ) from None
 
 
 def resize_uint8(img, size=480):
@@ -152,7 +166,8 @@ def resize_uint8(img, size=480):
     pil = Image.fromarray(img)
     if pil.size == (out_w, out_h):
         return img.copy()
-    return np.asarray(pil.resize((out_w, out_h), resample=Image.LANCZOS), dtype=np.uint8)
+    # np.array copies: PIL-backed arrays are read-only, and pydensecrf needs a writable buffer.
+    return np.array(pil.resize((out_w, out_h), resample=Image.LANCZOS), dtype=np.uint8)
 
 
 def normalize_imagenet(img_uint8):

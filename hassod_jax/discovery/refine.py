@@ -21,45 +21,113 @@ from scipy import ndimage
 from hassod_jax.data.coco import rle_to_json
 
 
-def bilinear_matrix(in_size, out_size):
-    """(out_size, in_size) float64 interpolation matrix of torch's bilinear, align_corners=False.
+def _linear_taps(in_size, out_size):
+    """Source taps of torch's bilinear, align_corners=False, along one axis.
 
-    Follows PyTorch's `area_pixel_compute_source_index` (aten UpSample.h): with
-    scale = in/out, src = scale * (dst + 0.5) - 0.5 clamped below at 0; i0 = floor(src),
-    i1 = min(i0 + 1, in - 1), weights (1 - l, l) with l = src - i0.
+    Follows PyTorch's `area_pixel_compute_source_index` and `guard_index_and_lambda` (aten
+    UpSample.h): with scale = in/out, src = scale * (dst + 0.5) - 0.5 clamped below at 0;
+    i0 = floor(src), i1 = min(i0 + 1, in - 1), lambda1 = src - i0, lambda0 = 1 - lambda1.
+    Returns (i0, i1) int64 and (lambda0, lambda1) float32, each of shape (out_size,).
     """
     if in_size < 1 or out_size < 1:
         raise ValueError(f"sizes must be positive, got in={in_size} out={out_size}")
-    scale = in_size / out_size
-    dst = np.arange(out_size, dtype=np.float64)
-    src = np.maximum(scale * (dst + 0.5) - 0.5, 0.0)
+    # float32 index arithmetic, as PyTorch's CPU kernel does for float32 inputs (opmath_t):
+    # float64 positions would differ from torch by up to ~1e-5 in the weights at 480 px.
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    dst = np.arange(out_size, dtype=f32)
+    # scale * x - 0.5 with one rounding: the compiled kernel contracts it into an FMA. The
+    # float64 product of two float32 values is exact, so this reproduces the FMA bit for bit.
+    src = (scale.astype(np.float64) * (dst + f32(0.5)).astype(np.float64) - 0.5).astype(f32)
+    src = np.maximum(src, f32(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
-    lam = src - i0
+    lam1 = np.clip(src - i0.astype(f32), f32(0.0), f32(1.0))
+    return i0, i1, f32(1.0) - lam1, lam1
+
+
+def bilinear_matrix(in_size, out_size):
+    """(out_size, in_size) float64 matrix A with resize(x) = A @ x along one axis."""
+    i0, i1, lam0, lam1 = _linear_taps(in_size, out_size)
     m = np.zeros((out_size, in_size), dtype=np.float64)
     rows = np.arange(out_size)
-    np.add.at(m, (rows, i0), 1.0 - lam)
-    np.add.at(m, (rows, i1), lam)
+    np.add.at(m, (rows, i0), lam0)
+    np.add.at(m, (rows, i1), lam1)
     return m
+
+
+def _resize_one(x, taps_h, taps_w, out, support):
+    """Bilinear resize of one (h, w) float32 map into `out` (H, W), only where it can matter.
+
+    `support` (h, w) bool: the source pixels outside it are treated as not contributing; the
+    output is computed on the rows/columns whose taps reach the support's bounding box (the
+    same arithmetic as a full resize there) and `out` is left untouched elsewhere.
+    """
+    h0, h1, lh0, lh1 = taps_h
+    w0, w1, lw0, lw1 = taps_w
+    rows = np.flatnonzero(support.any(axis=1))
+    if rows.size == 0:
+        return
+    cols = np.flatnonzero(support.any(axis=0))
+    # Taps are nondecreasing with h1 <= h0 + 1, so the outputs touching source rows
+    # [r0, r1] form the contiguous range h1 >= r0 and h0 <= r1.
+    y_lo, y_hi = np.searchsorted(h1, rows[0], "left"), np.searchsorted(h0, rows[-1], "right")
+    x_lo, x_hi = np.searchsorted(w1, cols[0], "left"), np.searchsorted(w0, cols[-1], "right")
+    hh0, hh1 = h0[y_lo:y_hi], h1[y_lo:y_hi]
+    ww0, ww1 = w0[x_lo:x_hi], w1[x_lo:x_hi]
+    base = hh0[0]
+    src = x[base : hh1[-1] + 1]
+    tmp = src[:, ww0] * lw0[x_lo:x_hi] + src[:, ww1] * lw1[x_lo:x_hi]  # width first, as torch
+    block = tmp[hh0 - base] * lh0[y_lo:y_hi, None]
+    block += tmp[hh1 - base] * lh1[y_lo:y_hi, None]
+    out[y_lo:y_hi, x_lo:x_hi] = block
 
 
 def bilinear_resize(x, size):
     """(R, h, w) array -> (R, H, W) float32, = torch F.interpolate(bilinear, align_corners=False).
 
-    Separable: out = A_h @ x @ A_w.T with the matrices of `bilinear_matrix`.
+    Separable two-tap gathers, width first then height as torch's CPU kernel nests them.
+    Each map is resized only over the outputs its nonzero pixels reach (exactly zero
+    elsewhere), so sparse region masks cost in proportion to their size.
     """
     x = np.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"expected a (R, h, w) array, got shape {x.shape}")
     out_h, out_w = int(size[0]), int(size[1])
     r, h, w = x.shape
+    out = np.zeros((r, out_h, out_w), dtype=np.float32)
     if r == 0:
-        return np.zeros((0, out_h, out_w), dtype=np.float32)
-    a_h = bilinear_matrix(h, out_h).astype(np.float32)
-    a_w = bilinear_matrix(w, out_w).astype(np.float32)
-    x = x.astype(np.float32)
-    tmp = np.matmul(x, a_w.T)  # (R, h, W)
-    return np.matmul(a_h, tmp).astype(np.float32, copy=False)  # (R, H, W)
+        return out
+    x = x.astype(np.float32, copy=False)
+    taps_h, taps_w = _linear_taps(h, out_h), _linear_taps(w, out_w)
+    for i in range(r):
+        _resize_one(x[i], taps_h, taps_w, out[i], x[i] != 0)
+    return out
+
+
+def resize_threshold(q, size, thresh=0.5):
+    """(R, h, w) float -> (R, H, W) bool: bilinear_resize(q, size) >= thresh, computed sparsely.
+
+    A bilinear output is a convex combination of its source taps, so it can only reach
+    `thresh` where some tap does; taps below `thresh - 1e-6` (a margin for float32
+    rounding) cannot, and outputs away from the others are known to be False.
+    """
+    q = np.asarray(q)
+    if q.ndim != 3:
+        raise ValueError(f"expected a (R, h, w) array, got shape {q.shape}")
+    out_h, out_w = int(size[0]), int(size[1])
+    r, h, w = q.shape
+    out = np.zeros((r, out_h, out_w), dtype=bool)
+    if r == 0:
+        return out
+    q = q.astype(np.float32, copy=False)
+    taps_h, taps_w = _linear_taps(h, out_h), _linear_taps(w, out_w)
+    buf = np.zeros((out_h, out_w), dtype=np.float32)
+    for i in range(r):
+        buf[...] = 0.0
+        _resize_one(q[i], taps_h, taps_w, buf, q[i] >= np.float32(thresh - 1e-6))
+        np.greater_equal(buf, np.float32(thresh), out=out[i])
+    return out
 
 
 def upsample_masks(masks, size=(480, 480)):
@@ -96,12 +164,7 @@ def filter_masks(masks, min_area=100, max_corners=2):
     if masks.ndim != 3:
         raise ValueError(f"masks must be (K, H, W), got {masks.shape}")
     area = masks.sum(axis=(1, 2), dtype=np.int64)
-    corners = (
-        masks[:, 0, 0].astype(np.int64)
-        + masks[:, 0, -1]
-        + masks[:, -1, 0]
-        + masks[:, -1, -1]
-    )
+    corners = masks[:, 0, 0].astype(np.int64) + masks[:, 0, -1] + masks[:, -1, 0] + masks[:, -1, -1]
     return (area >= min_area) & (corners <= max_corners)
 
 
@@ -186,8 +249,9 @@ def refine_regions(
     """
     image_uint8 = np.asarray(image_uint8)
     if image_uint8.dtype != np.uint8 or image_uint8.ndim != 3 or image_uint8.shape[2] != 3:
-        raise ValueError(f"image_uint8 must be (S, S, 3) uint8, got {image_uint8.dtype} "
-                         f"{image_uint8.shape}")
+        raise ValueError(
+            f"image_uint8 must be (S, S, 3) uint8, got {image_uint8.dtype} {image_uint8.shape}"
+        )
     region_masks = np.asarray(region_masks)
     if region_masks.ndim != 3:
         raise ValueError(f"region_masks must be (R, h, w), got {region_masks.shape}")
@@ -202,7 +266,7 @@ def refine_regions(
         keep = iou_filter(p >= mask_thresh, q >= mask_thresh, iou_thresh)
         stats["after_iou"] = int(keep.sum())
         if keep.any():
-            b = resize_probs_to_original(q[keep], (out_h, out_w)) >= mask_thresh
+            b = resize_threshold(q[keep], (out_h, out_w), mask_thresh)
             b = b[filter_masks(b, min_area=min_area)]
             stats["after_filters"] = int(len(b))
             anns = encode_masks(fill_holes(b))

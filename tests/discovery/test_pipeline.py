@@ -135,7 +135,7 @@ def test_levels_are_the_coverage_tree_of_the_pooled_masks(baseline):
     for image_id in (1, 2):
         anns = [a for a in data["annotations"] if a["image_id"] == image_id]
         masks = mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
-        levels, _ = hac_reference.hierarchy_levels_reference(masks, 0.9)
+        levels, _ = hac_reference.reference_hierarchy(masks, 0.9)
         assert [a["hier_level"] for a in anns] == list(levels)
 
 
