@@ -51,3 +51,15 @@ def sweep():
     c.gt_json = ""  # optional ground truth: class-agnostic mask AR/AP per threshold
     c.ensemble_thresholds = (0.1, 0.2, 0.4)  # the published ensemble, evaluated when in the sweep
     return c
+
+
+def evaluation():
+    """Class-agnostic COCO evaluation of a prediction file (HASSOD_SPEC 2.4)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "evaluate"
+    c.gt_json = config_dict.placeholder(str)  # any COCO-format ground truth
+    c.predictions_json = config_dict.placeholder(str)  # a result list, or a COCO dict
+    c.output = ""  # default: workdir/eval.json
+    c.iou_types = ("bbox", "segm")
+    c.max_dets = (1, 10, 100, 1000)
+    return c
