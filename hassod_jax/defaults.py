@@ -63,3 +63,44 @@ def evaluation():
     c.iou_types = ("bbox", "segm")
     c.max_dets = (1, 10, 100, 1000)
     return c
+
+
+def training():
+    """Stage 2, initial training on pseudo-labels (HASSOD_SPEC 2.1-2.2; detectron2 defaults)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "train"
+    c.train_json = config_dict.placeholder(str)  # e.g. W1/pseudo_labels/pseudo_labels_hier.json
+    c.images = config_dict.placeholder(str)
+    c.resnet_checkpoint = ""  # dino_resnet50_pretrain.pth or the detectron2-format .pkl
+    c.model = ml_collections.ConfigDict({"size": "r50", "use_droploss": True})
+    c.dtype = "bfloat16"  # compute dtype; parameters stay float32
+    c.batch_size = 16  # global, over all devices and hosts
+    c.max_iter = 40000
+    c.base_lr = 0.01
+    c.lr_steps = (30000,)  # detectron2's default SOLVER.STEPS; the spec is silent
+    c.lr_gamma = 0.1
+    c.warmup_iters = 1000
+    c.warmup_factor = 0.001
+    c.momentum = 0.9
+    c.weight_decay = 5e-5
+    c.clip_norm = 1.0  # per parameter tensor
+    c.seed = 0
+    c.log_every = 20
+    c.checkpoint_every = 2000
+    c.keep_checkpoints = 3
+    c.data = ml_collections.ConfigDict(
+        dict(
+            short_edges=(240, 320, 480, 640, 672, 704, 736, 768, 800, 1024),
+            max_size=1333,
+            flip_prob=0.5,
+            copy_paste=True,
+            copy_paste_rate=1.0,
+            copy_paste_min_ratio=0.3,
+            copy_paste_max_ratio=1.0,
+            buckets=(),  # () = the loader's default padding buckets
+            max_instances=100,
+            pack_masks=True,
+            workers=4,
+        )
+    )
+    return c

@@ -53,7 +53,8 @@ def generate_anchors(
     Args:
       feature_shapes: [(h, w), ...] static feature-map sizes, one per level.
       strides: stride in input pixels of each level.
-      sizes: anchor sizes per level (a tuple per level, as detectron2's ANCHOR_GENERATOR.SIZES).
+      sizes: anchor sizes per level (a tuple per level, as detectron2's ANCHOR_GENERATOR.SIZES);
+        a flat tuple or a single tuple is shared by all levels (detectron2's broadcast rule).
       aspect_ratios: h/w ratios, either one tuple shared by all levels or one per level.
       offset: relative offset of the first anchor centre within a cell, in [0, 1).
 
@@ -62,6 +63,10 @@ def generate_anchors(
       (y, x, anchor) with x varying faster than y.
     """
     n = len(feature_shapes)
+    if len(sizes) > 0 and not isinstance(sizes[0], (tuple, list)):
+        sizes = [tuple(sizes)] * n  # one list of sizes shared by all levels, as detectron2
+    elif len(sizes) == 1:
+        sizes = list(sizes) * n
     if len(strides) != n or len(sizes) != n:
         raise ValueError(
             "hassod_jax/ops/anchors.py: feature_shapes, strides and sizes must have one entry per "

@@ -97,8 +97,10 @@ class BoxCoder:
     def encode(self, proposals, targets):
         """Deltas (..., 4) float32 that turn ``proposals`` (..., 4) into ``targets`` (..., 4).
 
-        Both xyxy; shapes must broadcast. Degenerate proposals (zero width) give inf/NaN
-        deltas exactly as detectron2 (which asserts positive widths instead).
+        Both xyxy; shapes must broadcast. detectron2 asserts positive proposal widths;
+        here a pair where either box has a non-positive width or height (typically
+        padding) gets deltas 0, so that a masked loss over padded entries stays free of
+        NaN values and NaN gradients.
         """
         proposals = jnp.asarray(proposals, jnp.float32)
         targets = jnp.asarray(targets, jnp.float32)
@@ -113,11 +115,15 @@ class BoxCoder:
         tgt_h = targets[..., 3] - targets[..., 1]
         tgt_cx = targets[..., 0] + 0.5 * tgt_w
         tgt_cy = targets[..., 1] + 0.5 * tgt_h
+        ok = (src_w > 0) & (src_h > 0) & (tgt_w > 0) & (tgt_h > 0)
+        src_w = jnp.where(ok, src_w, 1.0)
+        src_h = jnp.where(ok, src_h, 1.0)
         dx = wx * (tgt_cx - src_cx) / src_w
         dy = wy * (tgt_cy - src_cy) / src_h
-        dw = ww * jnp.log(tgt_w / src_w)
-        dh = wh * jnp.log(tgt_h / src_h)
-        return jnp.stack([dx, dy, dw, dh], axis=-1)
+        dw = ww * jnp.log(jnp.where(ok, tgt_w, 1.0) / src_w)
+        dh = wh * jnp.log(jnp.where(ok, tgt_h, 1.0) / src_h)
+        deltas = jnp.stack([dx, dy, dw, dh], axis=-1)
+        return jnp.where(ok[..., None], deltas, 0.0)
 
     def decode(self, deltas, boxes):
         """Apply ``deltas`` (..., 4) to reference ``boxes`` (..., 4) xyxy -> (..., 4) xyxy."""

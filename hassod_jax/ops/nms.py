@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["nms", "batched_nms"]
 
@@ -55,7 +56,11 @@ def _check(boxes, scores, max_output, valid_in, idxs=None):
         )
     if idxs is not None and idxs.shape != (k,):
         raise ValueError(f"hassod_jax/ops/nms.py: `idxs` must be ({k},), got {tuple(idxs.shape)}")
-    if not isinstance(max_output, int) or max_output < 1:
+    if (
+        isinstance(max_output, bool)
+        or not isinstance(max_output, (int, np.integer))
+        or (max_output < 1)
+    ):
         raise ValueError(
             f"hassod_jax/ops/nms.py: `max_output` must be a static int >= 1, got {max_output!r}"
         )
@@ -86,7 +91,7 @@ def _nms_impl(boxes, scores, idxs, iou_threshold, max_output, valid_in, tile_siz
     s_cls = None if idxs is None else jnp.pad(idxs[order], (0, pad))
     s_area = (s_boxes[:, 2] - s_boxes[:, 0]) * (s_boxes[:, 3] - s_boxes[:, 1])
 
-    m = max_output
+    m = int(max_output)
     # Strict upper triangle: row j (higher score) may suppress column l > j.
     earlier = jnp.arange(tile)[:, None] < jnp.arange(tile)[None, :]
 
@@ -171,9 +176,7 @@ def nms(boxes, scores, iou_threshold, max_output, valid_in=None, *, tile_size=51
     return _nms_impl(boxes, scores, None, iou_threshold, max_output, valid_in, tile_size)
 
 
-def batched_nms(
-    boxes, scores, idxs, iou_threshold, max_output, valid_in=None, *, tile_size=512
-):
+def batched_nms(boxes, scores, idxs, iou_threshold, max_output, valid_in=None, *, tile_size=512):
     """Class-aware NMS: boxes only suppress boxes with the same ``idxs`` (K,) int.
 
     Same keep set as ``torchvision.ops.batched_nms``. torchvision gets there by offsetting

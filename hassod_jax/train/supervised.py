@@ -1,0 +1,247 @@
+"""mode=train: the Cascade Mask R-CNN on stage-1 pseudo-labels (HASSOD_SPEC 2.2).
+
+One jitted step over a Mesh whose `data` axis spans every device of every process: the batch
+is sharded along it, the train state is replicated, so batch-norm statistics computed inside
+the step are the global (synchronised) ones. The state is donated. Checkpoints (orbax) hold
+the whole state and the data iterator's position; a rerun resumes from the newest. A
+non-finite loss stops the run and names the last good checkpoint.
+"""
+
+import dataclasses
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from hassod_jax import parallel, utils
+from hassod_jax.train import checkpoint as ckpt_lib
+from hassod_jax.train import optim, schedules
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+
+
+def build_model(config):
+    """The detector described by `config.model` (size 'r50' | 'small') and `config.dtype`."""
+    from hassod_jax.models import detector
+
+    base = {"r50": detector.DetectorConfig(), "small": detector.SMALL_CONFIG}.get(config.model.size)
+    if base is None:
+        raise utils.ConfigError(f"config.model.size must be 'r50' or 'small', got {config.model.size!r}")
+    overrides = {k: v for k, v in config.model.items() if k != "size"}
+    for k, v in overrides.items():
+        if isinstance(v, list):
+            overrides[k] = tuple(v)
+    cfg = dataclasses.replace(base, **overrides)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    return detector.CascadeMaskRCNN(cfg, dtype=dtype)
+
+
+def make_optimizer(config):
+    sched = schedules.multistep_with_warmup(
+        config.base_lr,
+        steps=tuple(config.lr_steps),
+        gamma=config.lr_gamma,
+        warmup_iters=config.warmup_iters,
+        warmup_factor=config.warmup_factor,
+    )
+    tx = optim.sgd(sched, momentum=config.momentum, weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+    return tx, sched
+
+
+def init_state(model, tx, rng, resnet_checkpoint=None):
+    """Random heads; the backbone from `resnet_checkpoint` (DINO ResNet-50) when given."""
+    images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    variables = jax.jit(lambda r: model.init(r, images, train=False))(rng)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    if resnet_checkpoint:
+        from hassod_jax.models import resnet
+
+        _, loaded = resnet.load_resnet50(resnet_checkpoint, config=model.config.resnet)
+        params = _replace_subtree(params, "backbone", loaded["params"], resnet_checkpoint)
+        batch_stats = _replace_subtree(batch_stats, "backbone", loaded["batch_stats"], resnet_checkpoint)
+        logging.info("Backbone initialised from %s", resnet_checkpoint)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+
+
+def _replace_subtree(tree, key, new, source):
+    old_shapes = jax.tree_util.tree_map(np.shape, tree[key])
+    new_shapes = jax.tree_util.tree_map(np.shape, new)
+    if old_shapes != new_shapes:
+        raise ValueError(f"{source}: the checkpoint's backbone does not fit config.model (shapes differ)")
+    return {**tree, key: jax.tree_util.tree_map(jnp.asarray, new)}
+
+
+def make_train_step(model, tx, schedule):
+    """(state, batch, rng) -> (state, metrics); batch arrays as the loader emits them."""
+    from hassod_jax.data import loader
+
+    def step_fn(state, batch, rng):
+        images = batch["images"]
+        if images.dtype == jnp.uint8:
+            images = loader.normalize_padded(images, batch["image_sizes"])
+        masks = batch["masks"]
+        if masks.dtype == jnp.uint8:  # bit-packed by the loader
+            masks = loader.unpack_masks(masks, images.shape[2])
+        targets = {"boxes": batch["boxes"], "masks": masks, "levels": batch["levels"], "valid": batch["valid"]}
+        key = jax.random.fold_in(rng, state.step)
+
+        def loss_fn(params):
+            losses, new_vars = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                targets,
+                train=True,
+                rng=key,
+                image_sizes=batch["image_sizes"],
+                mutable=["batch_stats"],
+            )
+            total = sum(losses.values())
+            return total, (losses, new_vars["batch_stats"])
+
+        (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**losses, "total_loss": total, "lr": schedule(state.step)}
+        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, metrics
+
+    return step_fn
+
+
+_DEVICE_KEYS = ("images", "image_sizes", "boxes", "masks", "levels", "valid")
+
+
+def shard_batch(batch, sharding):
+    """Host-local numpy batch -> global jax arrays sharded along the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in _DEVICE_KEYS}
+
+
+def loader_config(config):
+    from hassod_jax.data import loader
+
+    d = config.data
+    return loader.LoaderConfig(
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        short_edges=tuple(d.short_edges),
+        max_size=d.max_size,
+        flip_prob=d.flip_prob,
+        copy_paste=d.copy_paste,
+        copy_paste_rate=d.copy_paste_rate,
+        copy_paste_min_ratio=d.copy_paste_min_ratio,
+        copy_paste_max_ratio=d.copy_paste_max_ratio,
+        buckets=tuple(tuple(b) for b in d.buckets) or loader.DEFAULT_BUCKETS,
+        max_instances=d.max_instances,
+        image_dtype="uint8",
+        pack_masks=d.pack_masks,
+    )
+
+
+def train(config, workdir):
+    """Runs (or resumes) training; returns the final state and the last logged metrics."""
+    from hassod_jax.data import loader
+
+    parallel.maybe_initialize_distributed()
+    utils.require(config, "train_json", "images", mode=config.mode)
+    for name in ("train_json", "images", "resnet_checkpoint"):
+        path = config.get(name)
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"config.{name} does not exist: {path}")
+    if not config.resnet_checkpoint:
+        logging.warning("config.resnet_checkpoint is not set: the backbone starts from random weights")
+    mesh = parallel.global_mesh()
+    n_dev = mesh.devices.size
+    if config.batch_size % n_dev:
+        raise utils.ConfigError(f"config.batch_size={config.batch_size} must be a multiple of the {n_dev} devices")
+    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    model = build_model(config)
+    tx, schedule = make_optimizer(config)
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    state = init_state(model, tx, init_rng, config.resnet_checkpoint or None)
+    state = jax.device_put(state, replicated)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    state, data_state = checkpointer.restore(state)
+    start = int(state.step)
+    if start:
+        logging.info("Resuming at step %d", start)
+    state = jax.device_put(state, replicated)
+
+    records = loader.open_records(train_json=config.train_json, images=config.images)
+    it = loader.make_train_iterator(
+        records,
+        loader_config(config),
+        num_steps=config.max_iter,
+        start_step=start,
+        worker_count=config.data.workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    step_fn = jax.jit(
+        make_train_step(model, tx, schedule),
+        in_shardings=(replicated, data_sharding, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
+    last_good = checkpointer.latest_step()
+    metrics, t0, n_images = {}, time.perf_counter(), 0
+    try:
+        for step in range(start, config.max_iter):
+            batch = next(it)
+            state, metrics = step_fn(state, shard_batch(batch, data_sharding), step_rng)
+            n_images += config.batch_size
+            done = step + 1
+            log_now = done % config.log_every == 0 or done == config.max_iter
+            save_now = done % config.checkpoint_every == 0 or done == config.max_iter
+            if log_now or save_now:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(host["total_loss"]):
+                    bad = {k: v for k, v in host.items() if not np.isfinite(v)}
+                    where = f"step {last_good} in {checkpointer.directory}" if last_good else "none yet"
+                    raise FloatingPointError(
+                        f"Non-finite loss at step {done}: {bad}. Stopping; last good checkpoint: {where}"
+                    )
+                elapsed = time.perf_counter() - t0
+                host["images_per_s"] = n_images / max(elapsed, 1e-9)
+                t0, n_images = time.perf_counter(), 0
+                metrics = host
+                if writer is not None and log_now:
+                    writer.write_scalars(done, host)
+                    logging.info(
+                        "step %d/%d: loss %.4f, lr %.5f, %.1f images/s",
+                        done,
+                        config.max_iter,
+                        host["total_loss"],
+                        host["lr"],
+                        host["images_per_s"],
+                    )
+            if save_now:
+                checkpointer.save(done, state, it.get_state())
+                last_good = done
+    finally:
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+        if hasattr(it, "close"):
+            it.close()
+    return state, metrics
+
+
+def run(config, workdir):
+    """mode=train."""
+    train(config, workdir)
