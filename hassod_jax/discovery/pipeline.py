@@ -96,7 +96,9 @@ class FeatureExtractor:
                 "set --config.dino_checkpoint for real DINO features"
             )
         else:
-            raise utils.ConfigError(f"config.backbone must be 'dino' or 'standin', got {self.kind!r}")
+            raise utils.ConfigError(
+                f"config.backbone must be 'dino' or 'standin', got {self.kind!r}"
+            )
 
     def __call__(self, normalized, uint8_images):
         """normalized: (B,S,S,3) float32; uint8_images: (B,S,S,3) uint8 -> (B,h,w,D) float32."""
@@ -137,7 +139,10 @@ def _decode(args):
         return {"index": index, "reason": str(e)}
     h, w = img.shape[:2]
     if h < patch or w < patch:
-        return {"index": index, "reason": f"{path}: image is {w}x{h}, smaller than one {patch}x{patch} patch"}
+        return {
+            "index": index,
+            "reason": f"{path}: image is {w}x{h}, smaller than one {patch}x{patch} patch",
+        }
     small = image_io.resize_uint8(img, size)
     return {
         "index": index,
@@ -202,7 +207,11 @@ def postprocess_image(job):
 
     ensemble = with_levels([a for anns in per_threshold for a in anns])
     per_threshold = [with_levels(anns) for anns in per_threshold]
-    return {"per_threshold": per_threshold, "ensemble": ensemble, "seconds": time.perf_counter() - t0}
+    return {
+        "per_threshold": per_threshold,
+        "ensemble": ensemble,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,10 +283,14 @@ def process_shard(config, out_dir, items, shard, num_shards):
     os.makedirs(shard_dir, exist_ok=True)
     chunks = [indices[i : i + config.chunk_size] for i in range(0, len(indices), config.chunk_size)]
     pending = [
-        k for k in range(len(chunks)) if not os.path.exists(os.path.join(shard_dir, f"chunk_{k:06d}.json"))
+        k
+        for k in range(len(chunks))
+        if not os.path.exists(os.path.join(shard_dir, f"chunk_{k:06d}.json"))
     ]
     if len(pending) < len(chunks):
-        logging.info("Resuming: %d of %d chunks already done", len(chunks) - len(pending), len(chunks))
+        logging.info(
+            "Resuming: %d of %d chunks already done", len(chunks) - len(pending), len(chunks)
+        )
     if pending:
         extractor = FeatureExtractor(config)
         logging.info("Backbone: %s", extractor.description)
@@ -291,7 +304,15 @@ def process_shard(config, out_dir, items, shard, num_shards):
         try:
             for k in pending:
                 record = _process_chunk(
-                    config, items, chunks[k], extractor, backend, crf_kwargs, thresholds, pool, progress
+                    config,
+                    items,
+                    chunks[k],
+                    extractor,
+                    backend,
+                    crf_kwargs,
+                    thresholds,
+                    pool,
+                    progress,
                 )
                 utils.atomic_write_json(os.path.join(shard_dir, f"chunk_{k:06d}.json"), record)
             progress.update(0, force=True)
@@ -300,17 +321,22 @@ def process_shard(config, out_dir, items, shard, num_shards):
                 pool.close()
                 pool.join()
     utils.atomic_write_json(
-        os.path.join(shard_dir, "done.json"), {"num_chunks": len(chunks), "num_images": len(indices)}
+        os.path.join(shard_dir, "done.json"),
+        {"num_chunks": len(chunks), "num_images": len(indices)},
     )
 
 
-def _process_chunk(config, items, chunk, extractor, backend, crf_kwargs, thresholds, pool, progress):
+def _process_chunk(
+    config, items, chunk, extractor, backend, crf_kwargs, thresholds, pool, progress
+):
     """Decodes, extracts, merges and refines one chunk; returns its JSON record."""
     from hassod_jax.discovery import hac
 
     size = config.image_size
     t0 = time.perf_counter()
-    decode_args = [(i, os.path.join(config.images, items[i][1]), size, extractor.patch) for i in chunk]
+    decode_args = [
+        (i, os.path.join(config.images, items[i][1]), size, extractor.patch) for i in chunk
+    ]
     decoded = list(_imap(pool, _decode, decode_args))
     progress.add_time("decode", time.perf_counter() - t0)
 
@@ -359,7 +385,13 @@ def _process_chunk(config, items, chunk, extractor, backend, crf_kwargs, thresho
         index = d["index"]
         image_id, file_name = items[index]
         images.append(
-            {"index": index, "id": image_id, "file_name": file_name, "height": d["height"], "width": d["width"]}
+            {
+                "index": index,
+                "id": image_id,
+                "file_name": file_name,
+                "height": d["height"],
+                "width": d["width"],
+            }
         )
         per_image.append(
             {
@@ -401,13 +433,19 @@ def _jax_crf(image_u8, regions, crf_kwargs, size):
 def _read_shards(out_dir):
     shard_dirs = sorted(glob.glob(os.path.join(out_dir, "work", "shard_*_of_*")))
     if not shard_dirs:
-        raise FileNotFoundError(f"No discovery shards under {out_dir}/work: run mode=discover first")
+        raise FileNotFoundError(
+            f"No discovery shards under {out_dir}/work: run mode=discover first"
+        )
     counts = {os.path.basename(d).split("_of_")[1] for d in shard_dirs}
     if len(counts) != 1:
-        raise ValueError(f"{out_dir}/work mixes shard counts {sorted(counts)}; use one sharding per workdir")
+        raise ValueError(
+            f"{out_dir}/work mixes shard counts {sorted(counts)}; use one sharding per workdir"
+        )
     total = int(counts.pop())
     missing = [
-        s for s in range(total) if not os.path.exists(os.path.join(_shard_dir(out_dir, s, total), "done.json"))
+        s
+        for s in range(total)
+        if not os.path.exists(os.path.join(_shard_dir(out_dir, s, total), "done.json"))
     ]
     if missing:
         raise RuntimeError(
@@ -469,7 +507,12 @@ def assemble(out_dir, thresholds):
     for name, n in counts.items():
         logging.info("%s: %d annotations on %d images", name, n, len(images))
     logging.info("%d images skipped (listed in %s)", len(skipped_rows), SKIPPED_FILE)
-    return {"images": len(images), "skipped": len(skipped_rows), "annotations": counts, "rows": rows}
+    return {
+        "images": len(images),
+        "skipped": len(skipped_rows),
+        "annotations": counts,
+        "rows": rows,
+    }
 
 
 def discover(config, workdir, out_name=OUTPUT_DIR):

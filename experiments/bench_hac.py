@@ -1,0 +1,150 @@
+"""Benchmark of HAC (HASSOD_SPEC §1.2) and the coverage tree (§1.4).
+
+Measures ms per image for a 60x60x768 feature map (DINO ViT-B/8 keys at 480 px) with the
+paper's thresholds (0.4, 0.2, 0.1) and with a 100-threshold sweep, one image at a time and
+batched, against the float64 NumPy oracle of tests/discovery/hac_reference.py in the same
+run (once: it is slow); and the tree on 300 masks of 480x640.
+
+  python experiments/bench_hac.py [--quick] [--batch 8 64] [--out results.json]
+
+Needs only jax and numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from hassod_jax.discovery import hac  # noqa: E402
+from hassod_jax.discovery.hierarchy import hierarchy_levels  # noqa: E402
+
+PAPER = (0.4, 0.2, 0.1)
+SWEEP = tuple(np.linspace(0.0, 0.99, 100))
+
+
+def _features(rng, b, h, w, d):
+    """Piecewise-constant directions plus noise: region structure like real DINO keys."""
+    k = 12
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for _ in range(b):
+        seeds = rng.uniform(0, [h, w], size=(k, 2))
+        lab = np.argmin((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2, -1)
+        out.append(rng.standard_normal((k, d))[lab] + 0.7 * rng.standard_normal((h, w, d)))
+    return np.stack(out).astype(np.float32)
+
+
+def _blobs(rng, n, h, w):
+    """n random elliptical masks (pseudo-label-like blobs) of an h x w image."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = rng.uniform(0, h, n), rng.uniform(0, w, n)
+    ry, rx = rng.uniform(10, h / 2, n), rng.uniform(10, w / 2, n)
+    return np.stack(
+        [((yy - cy[i]) / ry[i]) ** 2 + ((xx - cx[i]) / rx[i]) ** 2 <= 1 for i in range(n)]
+    )
+
+
+def _time(fn, repeats):
+    """Median wall-clock seconds and median process CPU seconds (all threads) of fn()."""
+    fn()  # compile / warm up
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return float(np.median(wall)), float(np.median(cpu))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, small batches")
+    ap.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes")
+    ap.add_argument("--size", type=int, nargs=3, default=(60, 60, 768), metavar=("H", "W", "D"))
+    ap.add_argument("--no-oracle", action="store_true", help="skip the NumPy oracle")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    h, w, d = args.size
+    repeats = 2 if args.quick else 5
+    on_gpu = jax.default_backend() != "cpu"
+    batches = args.batch or ([8] if args.quick else ([8, 64, 256] if on_gpu else [8]))
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def record(name, times, per):
+        wall, cpu = times
+        rows.append(
+            {
+                "case": name,
+                "ms_per_image": 1e3 * wall / per,
+                "cpu_ms_per_image": 1e3 * cpu / per,
+                "images_per_s": per / wall,
+            }
+        )
+
+    one = jax.device_put(_features(rng, 1, h, w, d)[0])
+
+    def single(thr):
+        def run():
+            return np.asarray(hac.cut_labels(hac.merge_sequence(one), thr))
+
+        return run
+
+    def partitions(thr):
+        return lambda: hac.hac_partitions(one, thr)
+
+    record(f"single {h}x{w}x{d} merge+cut (0.4,0.2,0.1)", _time(single(PAPER), repeats), 1)
+    record(f"single {h}x{w}x{d} merge+cut 100 thresholds", _time(single(SWEEP), repeats), 1)
+    record("single hac_partitions (0.4,0.2,0.1) masks", _time(partitions(PAPER), repeats), 1)
+    record("single hac_partitions 100 thresholds masks", _time(partitions(SWEEP), repeats), 1)
+    for b in batches:
+        feats = jax.device_put(_features(rng, b, h, w, d))
+        for name, thr in (("(0.4,0.2,0.1)", PAPER), ("100 thresholds", SWEEP)):
+
+            def run(feats=feats, thr=thr):
+                return np.asarray(hac.cut_labels(hac.merge_sequence_batch(feats), thr))
+
+            record(f"batch {b} merge+cut {name}", _time(run, max(1, repeats // 2)), b)
+
+    tree_rng = np.random.default_rng(1)
+    for n_tree in (13, 50) if args.quick else (13, 50, 300):
+        tree_masks = _blobs(tree_rng, n_tree, 480, 640)
+        record(
+            f"tree {n_tree} masks 480x640 (per image)",
+            _time(lambda m=tree_masks: hierarchy_levels(m, 0.9), repeats),
+            1,
+        )
+
+    if not args.no_oracle:
+        from discovery.hac_reference import reference_partitions
+
+        f64 = np.asarray(one, np.float64)
+        t0, c0 = time.perf_counter(), time.process_time()
+        reference_partitions(f64, PAPER)
+        times = (time.perf_counter() - t0, time.process_time() - c0)
+        record("NumPy float64 oracle (0.4,0.2,0.1), once", times, 1)
+
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    print("wall ms: elapsed time; CPU ms: process CPU time, all threads (robust to sharing)")
+    print(f"{'case':<52} {'wall ms/img':>12} {'CPU ms/img':>12} {'images/s':>10}")
+    for row in rows:
+        print(
+            f"{row['case']:<52} {row['ms_per_image']:>12.2f} {row['cpu_ms_per_image']:>12.2f} "
+            f"{row['images_per_s']:>10.1f}"
+        )
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"device": str(jax.devices()[0]), "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The coverage tree (HASSOD_SPEC §1.4) against the float64 loops of hac_reference.py."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hassod_jax.discovery.hierarchy import hierarchy_levels, hierarchy_levels_padded
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hac_reference import reference_hierarchy  # noqa: E402
+
+
+def _rect(h, w, y0, x0, y1, x1):
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _random_rects(rng, n, h, w):
+    out = []
+    for _ in range(n):
+        y0, y1 = np.sort(rng.integers(0, h + 1, 2))
+        x0, x1 = np.sort(rng.integers(0, w + 1, 2))
+        out.append(_rect(h, w, y0, x0, y1 + 1, x1 + 1))
+    return np.stack(out)
+
+
+def _nested(rng, h, w):
+    """Wholes containing parts containing subparts, with jittered (partial) containment."""
+    masks = []
+    for _ in range(int(rng.integers(1, 4))):
+        y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        whole = _rect(h, w, y0, x0, y0 + h // 2, x0 + w // 2)
+        masks.append(whole)
+        ys, xs = np.nonzero(whole)
+        for _ in range(int(rng.integers(1, 4))):
+            part = whole & (rng.random((h, w)) < rng.uniform(0.3, 1.0))
+            part |= rng.random((h, w)) < 0.01  # a few pixels outside the whole
+            masks.append(part)
+            sub = part & (rng.random((h, w)) < 0.5)
+            masks.append(sub)
+    masks.append(masks[0].copy())  # an exact duplicate: neither is the other's parent
+    order = rng.permutation(len(masks))
+    return np.stack(masks)[order]
+
+
+def _check(masks, coverage):
+    want_levels, want_parents = reference_hierarchy(masks, coverage)
+    levels, parents = hierarchy_levels(masks, coverage)
+    assert levels.dtype == np.int32 and parents.dtype == np.int32
+    np.testing.assert_array_equal(parents, want_parents)
+    np.testing.assert_array_equal(levels, want_levels)
+    return levels
+
+
+def test_random_and_nested_against_oracle():
+    rng = np.random.default_rng(0)
+    seen_levels = set()
+    for _ in range(40):
+        masks = _random_rects(rng, int(rng.integers(1, 25)), 16, 20)
+        for cov in (0.9, 0.75):
+            seen_levels |= set(_check(masks, cov).tolist())
+        masks = _nested(rng, 24, 30)
+        for cov in (0.9, 0.75):
+            seen_levels |= set(_check(masks, cov).tolist())
+    assert seen_levels == {0, 1, 2}
+
+
+def test_exact_coverage_boundary_and_empty():
+    h, w = 1, 20
+    b = _rect(h, w, 0, 0, 1, 20)  # area 20
+    a = _rect(h, w, 0, 0, 1, 10)  # area 10, cov(a in c) = 9/10 exactly below
+    c = _rect(h, w, 0, 1, 1, 15)
+    empty = np.zeros((h, w), bool)
+    masks = np.stack([a, b, c, empty, empty])
+    levels = _check(masks, 0.9)
+    parents = hierarchy_levels(masks, 0.9)[1]
+    assert parents[0] == 2 and parents[3] == -1  # cov exactly θ counts; empty masks are roots
+    assert levels[0] == 2
+
+
+def test_empty_set():
+    levels, parents = hierarchy_levels(np.zeros((0, 5, 6), bool))
+    assert levels.shape == (0,) and parents.shape == (0,)
+
+
+def test_padded_matches_unpadded_under_jit():
+    rng = np.random.default_rng(4)
+    fn = jax.jit(hierarchy_levels_padded, static_argnums=2)
+    for _ in range(5):
+        masks = _nested(rng, 24, 30)
+        n = masks.shape[0]
+        padded = np.concatenate([masks, _random_rects(rng, 28 - n, 24, 30)])
+        valid = np.arange(28) < n
+        # Valid entries scattered among padding, in their original order (ties in area go to
+        # the first index, so the order matters).
+        slots = np.sort(rng.choice(28, n, replace=False))
+        perm = np.concatenate([slots, np.setdiff1d(np.arange(28), slots)])
+        perm = np.argsort(perm)  # perm[j] = original index of the mask placed at j
+        for cov in (0.9, 0.75):
+            levels, parents = fn(padded[perm], valid[perm], cov)
+            want_l, want_p = reference_hierarchy(masks, cov)
+            inv = np.argsort(perm)[:n]  # position of original mask k in the permuted set
+            got_p = np.asarray(parents)[inv]
+            np.testing.assert_array_equal(np.asarray(levels)[inv], want_l)
+            np.testing.assert_array_equal(np.where(got_p >= 0, perm[got_p], -1), want_p)
+            assert np.all(np.asarray(levels)[~valid[perm]] == -1)
+            assert np.all(np.asarray(parents)[~valid[perm]] == -1)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="masks"):
+        hierarchy_levels(np.zeros((4, 5), bool))
+    with pytest.raises(ValueError, match="coverage"):
+        hierarchy_levels(np.zeros((2, 4, 5), bool), coverage=1.5)
+
+
+def test_run_collapsed_intersections_are_exact():
+    from hassod_jax.discovery.hierarchy import _intersections_host
+
+    rng = np.random.default_rng(8)
+    for masks in (_nested(rng, 24, 30), rng.random((9, 17, 13)) < 0.5, _random_rects(rng, 7, 5, 4)):
+        flat = masks.reshape(masks.shape[0], -1).astype(np.int64)
+        np.testing.assert_array_equal(_intersections_host(masks), flat @ flat.T)
