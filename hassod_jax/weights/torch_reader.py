@@ -87,6 +87,9 @@ _TORCH_DTYPES = {
     "complex128": np.dtype(np.complex128),
     "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
     "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
 }
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -188,11 +191,14 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored, dtype=None
             f"tensor (offset {offset}, size {size}, stride {stride}) reads element {last} of "
             f"storage {storage.key!r} which has only {data.size} elements (truncated file?)"
         )
-    item = data.dtype.itemsize
+    dtype = data.dtype
+    item = dtype.itemsize
+    if dtype.isbuiltin != 1:  # ml_dtypes (bfloat16, float8): stride over the raw bits
+        data = data.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[item])
     view = np.lib.stride_tricks.as_strided(
         data[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False
     )
-    return np.array(view, copy=True, order="C")
+    return np.array(view, copy=True, order="C").view(dtype)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, *rest):
@@ -262,7 +268,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         key = (module, name)
         if key in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[key]
-        if module == "torch" and name in _STORAGE_DTYPES:
+        if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
             return _StorageType(name)
         if module == "torch" and name in _TORCH_DTYPES:
             return _TorchDtype(name)
@@ -395,16 +401,18 @@ def _read_legacy(path: str, f) -> Any:
 
     # Tensors are rebuilt lazily: storages are filled only after the object pickle, so the
     # object is unpickled with deferred tensors and resolved afterwards.
-    deferred: list[tuple] = []
-
     def deferred_rebuild(storage, storage_offset, size, stride, *rest):
+        return _Deferred(storage, storage_offset, size, stride)
+
+    def deferred_rebuild_v3(storage, storage_offset, size, stride, grad, hooks, dtype, *rest):
         cell = _Deferred(storage, storage_offset, size, stride)
-        deferred.append(cell)
+        cell.dtype = dtype.np_dtype if isinstance(dtype, _TorchDtype) else None
         return cell
 
     global_overrides = {
         ("torch._utils", "_rebuild_tensor"): deferred_rebuild,
         ("torch._utils", "_rebuild_tensor_v2"): deferred_rebuild,
+        ("torch._utils", "_rebuild_tensor_v3"): deferred_rebuild_v3,
     }
 
     class _Legacy(_RestrictedUnpickler):
@@ -439,17 +447,23 @@ def _read_legacy(path: str, f) -> Any:
         if root.data is None:
             raise CheckpointError(f"{path}: view {view_key!r} of unread storage {root_key!r}")
         pending[view_key].data = root.data[offset : offset + size]
-    return _resolve_deferred(obj)
+    try:
+        return _resolve_deferred(obj)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 class _Deferred:
+    """A tensor of a legacy file whose storage bytes come after the object pickle."""
+
     def __init__(self, storage, storage_offset, size, stride):
         self.args = (storage, storage_offset, size, stride)
+        self.dtype = None
 
 
 def _resolve_deferred(obj):
     if isinstance(obj, _Deferred):
-        return _rebuild_tensor(*obj.args)
+        return _rebuild_tensor(*obj.args, dtype=obj.dtype)
     if isinstance(obj, collections.OrderedDict):
         return collections.OrderedDict((k, _resolve_deferred(v)) for k, v in obj.items())
     if isinstance(obj, dict):
@@ -497,6 +511,8 @@ def detect_format(path) -> str:
             first = None
         if first == _LEGACY_MAGIC:
             return "torch_legacy"
+        return "pickle"
+    if head[:1] in (b"(", b"}", b"]", b")", b"c"):  # protocol 0/1 pickles (Python 2 era)
         return "pickle"
     raise CheckpointError(
         f"{path}: not a checkpoint (neither a torch zip/legacy file, a safetensors file, "
