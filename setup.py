@@ -25,6 +25,7 @@ setup(
         "scikit-image",
         "pydensecrf2",
         "safetensors",
+        "ml_dtypes",
     ],
     extras_require={
         # torch and torchvision are reference oracles only; they must be installed together.

@@ -85,9 +85,9 @@ class FeatureExtractor:
             from hassod_jax.models import vit
 
             dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-            self.module, self.params = vit.load_dino_vit(path, dtype=dtype)
-            self.patch = self.module.patch_size
-            self.feature_kind = config.feature_kind
+            module, params = vit.load_dino_vit(path, dtype=dtype)
+            self.patch = module.patch_size
+            self._features = vit.make_feature_fn(module, params, kind=config.feature_kind)
             self.description = f"DINO ViT from {path} ({config.feature_kind}, {config.dtype})"
         elif self.kind == "standin":
             self.patch = 8
@@ -103,10 +103,7 @@ class FeatureExtractor:
     def __call__(self, normalized, uint8_images):
         """normalized: (B,S,S,3) float32; uint8_images: (B,S,S,3) uint8 -> (B,h,w,D) float32."""
         if self.kind == "dino":
-            from hassod_jax.models import vit
-
-            feats = vit.dino_features(self.module, self.params, normalized, kind=self.feature_kind)
-            return np.asarray(feats, dtype=np.float32)
+            return np.asarray(self._features(normalized), dtype=np.float32)
         from hassod_jax.discovery import standin
 
         size = uint8_images.shape[1]

@@ -224,3 +224,30 @@ def test_bad_input_is_skipped_with_reasons_and_odd_modes_are_processed(tmp_path)
 def test_missing_folder_stops_with_a_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.images"):
         pipeline.discover(_config(tmp_path / "nowhere"), str(tmp_path / "w"))
+
+
+def test_dino_backbone_path_runs_and_matches_the_torch_keys(tmp_path):
+    """The pipeline with a real (random, depth-1) DINO ViT-S/8 checkpoint written by torch.save,
+    through the torch-free reader: the features fed to HAC equal the PyTorch model's keys."""
+    torch = pytest.importorskip("torch")
+    from hassod_jax.data import images as image_io
+    from tests.models.torch_dino_reference import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(patch_size=8, embed_dim=384, depth=1, num_heads=6).eval()
+    ckpt = tmp_path / "dino_vits8_tiny.pth"
+    torch.save(model.state_dict(), ckpt)
+    _write_images(tmp_path / "imgs", 2)
+    cfg = _config(tmp_path / "imgs", backbone="dino", dino_checkpoint=str(ckpt), batch_size=2)
+    extractor = pipeline.FeatureExtractor(cfg)
+    img = image_io.resize_uint8(image_io.load_image_rgb(str(tmp_path / "imgs" / "000000000001.png")), 160)
+    norm = image_io.normalize_imagenet(img)[None]
+    ours = extractor(norm, img[None])
+    assert ours.shape == (1, 20, 20, 384)
+    with torch.no_grad():
+        tokens = model.prepare_tokens(torch.from_numpy(norm).permute(0, 3, 1, 2))
+        last = model.blocks[-1]  # depth 1: the last block's input is the embedded tokens
+        k = last.attn.qkv(last.norm1(tokens))[..., 384:768][0, 1:].reshape(20, 20, 384).numpy()
+    assert np.abs(ours[0] - k).max() <= 1e-4 * np.abs(k).max()
+    result = pipeline.discover(cfg, str(tmp_path / "w"))
+    assert result["images"] == 2 and result["skipped"] == 0
