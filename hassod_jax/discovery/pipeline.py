@@ -288,6 +288,7 @@ def process_shard(config, out_dir, items, shard, num_shards):
         logging.info(
             "Resuming: %d of %d chunks already done", len(chunks) - len(pending), len(chunks)
         )
+    timing = {"images": 0, "seconds": 0.0, "stage_seconds": {}}
     if pending:
         extractor = FeatureExtractor(config)
         logging.info("Backbone: %s", extractor.description)
@@ -313,6 +314,11 @@ def process_shard(config, out_dir, items, shard, num_shards):
                 )
                 utils.atomic_write_json(os.path.join(shard_dir, f"chunk_{k:06d}.json"), record)
             progress.update(0, force=True)
+            timing = {
+                "images": progress.done,
+                "seconds": time.perf_counter() - progress.start,
+                "stage_seconds": dict(progress.stage_time),
+            }
         finally:
             if pool is not None:
                 pool.close()
@@ -321,6 +327,7 @@ def process_shard(config, out_dir, items, shard, num_shards):
         os.path.join(shard_dir, "done.json"),
         {"num_chunks": len(chunks), "num_images": len(indices)},
     )
+    return timing
 
 
 def _process_chunk(
@@ -525,13 +532,13 @@ def discover(config, workdir, out_name=OUTPUT_DIR):
     shard, num_shards = parallel.shard_index(config.job_index, config.num_jobs)
     if jax.process_index() == 0:
         _check_resume_config(out_dir, config)
-    process_shard(config, out_dir, items, shard, num_shards)
+    timing = process_shard(config, out_dir, items, shard, num_shards)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("hassod_discovery_shards_done")
     if num_shards == 1 or (config.num_jobs == 1 and jax.process_index() == 0):
-        return assemble(out_dir, config.thresholds)
+        return {**assemble(out_dir, config.thresholds), "timing": timing}
     logging.info(
         "Shard %d of %d done; when every job has finished run mode=merge_pseudo_labels on %s",
         shard,

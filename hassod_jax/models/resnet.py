@@ -376,4 +376,3 @@ def load_resnet50(
 
 def stage_strides() -> dict[str, int]:
     return {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-

@@ -118,8 +118,10 @@ def test_train_mode_batch_stats_and_small_variant():
     cfg = resnet.RESNET_SMALL
     module = resnet.ResNet(cfg)
     x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
-    variables = module.init(jax.random.PRNGKey(0), x)
-    out, upd = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = jax.jit(lambda x: module.init(jax.random.PRNGKey(0), x))(x)
+    out, upd = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x
+    )
     for i, k in enumerate(["res2", "res3", "res4", "res5"]):
         assert out[k].shape == (2, 64 // 2 ** (i + 2), 64 // 2 ** (i + 2), cfg.out_channels()[k])
     # Stem BN running mean after one step: 0.9 * 0 + 0.1 * batch mean of the conv output.

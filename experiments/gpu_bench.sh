@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU session's checks and timings, each bounded so the whole run ends inside ~9 minutes.
+# Usage (on the GPU machine, from the repo root): OUT=results_dir bash experiments/gpu_bench.sh
+# Needs jax[cuda], flax, optax, torch, torchvision, scikit-image; pycocotools and ml_collections
+# for the end-to-end discovery benchmark.
+set -u
+OUT=${OUT:-/tmp/hassod_gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+run() {  # name seconds command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${secs}s)"
+  timeout "$secs" "$@" 2>&1 | grep -v -i "warning" | tee "$OUT/$name.log" | tail -40
+  echo "=== $name exit ${PIPESTATUS[0]}"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+run hac 80 python3 experiments/bench_hac.py --batch 8 64 256 --no-oracle --out "$OUT/hac.json"
+run crf 100 python3 experiments/bench_crf.py --batch 8 --out "$OUT/crf.json"
+run features 110 python3 experiments/bench_features.py --models vit_small_patch8,vit_base_patch8 \
+  --batches 1,8,32 --dtypes float32,bfloat16 --out "$OUT/features.json"
+run discovery 100 python3 experiments/bench_discovery.py --images 48 --batch 16 --crf jax \
+  --out "$OUT/discovery.json"
+run detector 150 python3 experiments/bench_detector.py --out "$OUT/detector.json"
