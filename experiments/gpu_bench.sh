@@ -20,4 +20,5 @@ run features 110 python3 experiments/bench_features.py --models vit_small_patch8
   --batches 1,8,32 --dtypes float32,bfloat16 --out "$OUT/features.json"
 run discovery 100 python3 experiments/bench_discovery.py --images 48 --batch 16 --crf jax \
   --out "$OUT/discovery.json"
-run detector 150 python3 experiments/bench_detector.py --out "$OUT/detector.json"
+run detector 170 python3 experiments/bench_detector.py --dtypes bfloat16 --max-sampling 4 --steps 5 \
+  --out "$OUT/detector.json"
