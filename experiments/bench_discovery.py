@@ -53,7 +53,10 @@ def write_random_vit(folder, name="vit_base_patch8", seed=0):
 
     module = vit.make_vit(name)
     params = module.init(jax.random.PRNGKey(seed), np.zeros((1, 224, 224, 3), np.float32))["params"]
-    arch = {k: getattr(module, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "pos_grid")}
+    arch = {
+        k: getattr(module, k)
+        for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "pos_grid")
+    }
     formats.save_converted(folder, params, arch, family="vit", source=f"random {name}")
     return folder
 
@@ -103,7 +106,9 @@ def main():
         write_images(os.path.join(tmp, "images"), args.images)
         warm = min(args.batch, args.images)
         run_once(os.path.join(tmp, "images"), os.path.join(tmp, "warm"), args, warm)
-        wall, timing, regions, masks = run_once(os.path.join(tmp, "images"), os.path.join(tmp, "w"), args, args.images)
+        wall, timing, regions, masks = run_once(
+            os.path.join(tmp, "images"), os.path.join(tmp, "w"), args, args.images
+        )
     from hassod_jax.discovery import pipeline
 
     per_image = wall / args.images
@@ -122,13 +127,21 @@ def main():
         "regions_per_image_per_threshold": regions,
         "masks_per_image": masks,
     }
-    print(f"{'device':>10} {'backbone':>24} {'crf':>10} {'img':>4} {'s/img':>7} {'img/s':>7} {'x orig':>7}")
+    print(
+        f"{'device':>10} {'backbone':>24} {'crf':>10} {'img':>4} "
+        f"{'s/img':>7} {'img/s':>7} {'x orig':>7}"
+    )
     print(
         f"{row['device'][:10]:>10} {row['backbone']:>24} {row['crf']:>10} {args.images:4d} "
         f"{per_image:7.3f} {1 / per_image:7.2f} {row['speedup_vs_original_one_worker']:7.1f}"
     )
     print("stage share:", ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["stage_share"].items()))
-    print("HAC regions per image at (0.4, 0.2, 0.1):", [round(r, 1) for r in regions], "| kept masks:", round(masks, 1))
+    print(
+        "HAC regions per image at (0.4, 0.2, 0.1):",
+        [round(r, 1) for r in regions],
+        "| kept masks:",
+        round(masks, 1),
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(row, f, indent=1)

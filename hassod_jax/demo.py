@@ -51,10 +51,14 @@ def prepare_data(data_dir, num_synthetic, seed, size, photos):
         file_name = f"skimage_{name}.png"
         img = _photo(name)
         Image.fromarray(img).save(os.path.join(image_dir, file_name))
-        images.append({"id": next_id, "file_name": file_name, "height": img.shape[0], "width": img.shape[1]})
+        images.append(
+            {"id": next_id, "file_name": file_name, "height": img.shape[0], "width": img.shape[1]}
+        )
         next_id += 1
     image_list = os.path.join(data_dir, "image_list.json")
-    utils.atomic_write_json(image_list, {"images": images, "annotations": [], "categories": pipeline.CATEGORIES})
+    utils.atomic_write_json(
+        image_list, {"images": images, "annotations": [], "categories": pipeline.CATEGORIES}
+    )
     return image_dir, image_list, gt_json
 
 
@@ -89,7 +93,9 @@ def level_agreement(gt, rows, iou_threshold=0.5):
         "gt_masks": total,
         "found_at_iou_0.5": found,
         "level_accuracy_of_found": right / found if found else 0.0,
-        "level_accuracy_by_gt_level": {str(k): (v[1] / v[0] if v[0] else None) for k, v in per_level.items()},
+        "level_accuracy_by_gt_level": {
+            str(k): (v[1] / v[0] if v[0] else None) for k, v in per_level.items()
+        },
     }
 
 
@@ -104,7 +110,9 @@ def write_pictures(picture_dir, image_dir, rows, limit):
         img = image_io.load_image_rgb(os.path.join(image_dir, im["file_name"]))
         anns = res["ensemble"]
         if anns:
-            masks = mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
+            masks = (
+                mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
+            )
         else:
             masks = np.zeros((0,) + img.shape[:2], bool)
         levels = [a["hier_level"] for a in anns]
@@ -131,7 +139,9 @@ def run(config, workdir):
         config.coco_json = image_list
         if config.backbone == "auto":
             config.backbone = "dino" if config.dino_checkpoint else "standin"
-    logging.info("Demo: %s", "DINO ViT" if config.backbone == "dino" else "stand-in backbone (no weights)")
+    logging.info(
+        "Demo: %s", "DINO ViT" if config.backbone == "dino" else "stand-in backbone (no weights)"
+    )
     result = pipeline.discover(config, workdir)
     rows = result["rows"]
     gt = utils.read_json(gt_json, "synthetic ground truth")
@@ -149,5 +159,9 @@ def run(config, workdir):
     summary = {k: {m: round(v[m], 4) for m in ("AR@100", "AP")} for k, v in metrics["segm"].items()}
     logging.info("Demo metrics against the generated ground truth (mask): %s", json.dumps(summary))
     logging.info("Levels: %s", json.dumps(metrics["levels"]))
-    logging.info("Wrote %s and pictures in %s", os.path.join(out_dir, "metrics.json"), os.path.join(workdir, "pictures"))
+    logging.info(
+        "Wrote %s and pictures in %s",
+        os.path.join(out_dir, "metrics.json"),
+        os.path.join(workdir, "pictures"),
+    )
     return metrics

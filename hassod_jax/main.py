@@ -16,12 +16,13 @@ MODES = {
     "merge_pseudo_labels": "hassod_jax.discovery.pipeline:run_merge",
     "demo": "hassod_jax.demo:run",
     "train": "hassod_jax.train.supervised:run",
-    "mean_teacher": "hassod_jax.train.mean_teacher:run",
     "evaluate": "hassod_jax.evaluate.coco_eval:run",
 }
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -41,7 +42,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
     if "mode" not in config:
-        raise app.UsageError(f"The config has no 'mode' field; add one of: {', '.join(sorted(MODES))}")
+        raise app.UsageError(
+            f"The config has no 'mode' field; add one of: {', '.join(sorted(MODES))}"
+        )
     try:
         run = resolve_mode(config.mode)
     except ValueError as e:

@@ -18,7 +18,9 @@ def require(config, *names, mode=None):
     if missing:
         where = f" for mode={mode}" if mode else ""
         sets = " ".join(f"--config.{n}=..." for n in missing)
-        raise ConfigError(f"Missing required config field(s){where}: {', '.join(missing)}. Set {sets}")
+        raise ConfigError(
+            f"Missing required config field(s){where}: {', '.join(missing)}. Set {sets}"
+        )
 
 
 def atomic_write_bytes(path, data):

@@ -233,7 +233,8 @@ def _imap(pool, fn, items):
 def _list_images(config):
     if not config.images:
         raise utils.ConfigError(
-            f"config.images is not set: set --config.images=/path/to/image/folder (mode={config.mode})"
+            "config.images is not set: set --config.images=/path/to/image/folder "
+            f"(mode={config.mode})"
         )
     items = image_io.list_images(config.images, config.coco_json or None)
     if config.max_images is not None and config.max_images >= 0:

@@ -32,7 +32,9 @@ def clip_by_norm_per_tensor(max_norm):
 def is_norm_param(path):
     """True for BatchNorm/LayerNorm/GroupNorm scale and bias leaves (flax names)."""
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return any(n.startswith(("BatchNorm", "LayerNorm", "GroupNorm", "norm", "bn")) for n in names[:-1])
+    return any(
+        n.startswith(("BatchNorm", "LayerNorm", "GroupNorm", "norm", "bn")) for n in names[:-1]
+    )
 
 
 def weight_decay_mask(params):

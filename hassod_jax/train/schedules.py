@@ -14,7 +14,9 @@ def _warmup(step, warmup_iters, warmup_factor):
     return jnp.where(step < warmup_iters, ramp, 1.0)
 
 
-def multistep_with_warmup(base_lr, steps=(30000,), gamma=0.1, warmup_iters=1000, warmup_factor=0.001):
+def multistep_with_warmup(
+    base_lr, steps=(30000,), gamma=0.1, warmup_iters=1000, warmup_factor=0.001
+):
     """detectron2's default WarmupMultiStepLR: lr * gamma^(number of milestones passed)."""
     milestones = jnp.asarray(sorted(steps) or [2**31 - 1], jnp.int32)
 
@@ -39,7 +41,9 @@ def cosine_with_warmup(base_lr, max_iter, end_lr=0.0, warmup_iters=1000, warmup_
 
 
 def adaptive_loss_weights(step, total_steps, sup_start=1.0, unsup_base=2.0):
-    """HASSOD_SPEC 2.3: w_sup = sup_start * (1 + cos(pi t / T)) / 2, w_unsup = unsup_base + 1 - w_sup.
+    """HASSOD_SPEC 2.3 loss weights at step t of T.
+
+    w_sup = sup_start * (1 + cos(pi t / T)) / 2 and w_unsup = unsup_base + 1 - w_sup.
 
     So the supervised (initial pseudo-label) branch decays 1 -> 0 while the teacher branch grows
     2 -> 3 over the Mean Teacher run.

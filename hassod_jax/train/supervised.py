@@ -38,7 +38,9 @@ def build_model(config):
 
     base = {"r50": detector.DetectorConfig(), "small": detector.SMALL_CONFIG}.get(config.model.size)
     if base is None:
-        raise utils.ConfigError(f"config.model.size must be 'r50' or 'small', got {config.model.size!r}")
+        raise utils.ConfigError(
+            f"config.model.size must be 'r50' or 'small', got {config.model.size!r}"
+        )
     overrides = {k: v for k, v in config.model.items() if k != "size"}
     for k, v in overrides.items():
         if isinstance(v, list):
@@ -56,7 +58,12 @@ def make_optimizer(config):
         warmup_iters=config.warmup_iters,
         warmup_factor=config.warmup_factor,
     )
-    tx = optim.sgd(sched, momentum=config.momentum, weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+    tx = optim.sgd(
+        sched,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+    )
     return tx, sched
 
 
@@ -70,16 +77,25 @@ def init_state(model, tx, rng, resnet_checkpoint=None):
 
         _, loaded = resnet.load_resnet50(resnet_checkpoint, config=model.config.resnet)
         params = _replace_subtree(params, "backbone", loaded["params"], resnet_checkpoint)
-        batch_stats = _replace_subtree(batch_stats, "backbone", loaded["batch_stats"], resnet_checkpoint)
+        batch_stats = _replace_subtree(
+            batch_stats, "backbone", loaded["batch_stats"], resnet_checkpoint
+        )
         logging.info("Backbone initialised from %s", resnet_checkpoint)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+    )
 
 
 def _replace_subtree(tree, key, new, source):
     old_shapes = jax.tree_util.tree_map(np.shape, tree[key])
     new_shapes = jax.tree_util.tree_map(np.shape, new)
     if old_shapes != new_shapes:
-        raise ValueError(f"{source}: the checkpoint's backbone does not fit config.model (shapes differ)")
+        raise ValueError(
+            f"{source}: the checkpoint's backbone does not fit config.model (shapes differ)"
+        )
     return {**tree, key: jax.tree_util.tree_map(jnp.asarray, new)}
 
 
@@ -94,7 +110,12 @@ def make_train_step(model, tx, schedule):
         masks = batch["masks"]
         if masks.dtype == jnp.uint8:  # bit-packed by the loader
             masks = loader.unpack_masks(masks, images.shape[2])
-        targets = {"boxes": batch["boxes"], "masks": masks, "levels": batch["levels"], "valid": batch["valid"]}
+        targets = {
+            "boxes": batch["boxes"],
+            "masks": masks,
+            "levels": batch["levels"],
+            "valid": batch["valid"],
+        }
         key = jax.random.fold_in(rng, state.step)
 
         def loss_fn(params):
@@ -110,11 +131,15 @@ def make_train_step(model, tx, schedule):
             total = sum(losses.values())
             return total, (losses, new_vars["batch_stats"])
 
-        (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**losses, "total_loss": total, "lr": schedule(state.step)}
-        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        new_state = TrainState(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
         return new_state, metrics
 
     return step_fn
@@ -125,7 +150,10 @@ _DEVICE_KEYS = ("images", "image_sizes", "boxes", "masks", "levels", "valid")
 
 def shard_batch(batch, sharding):
     """Host-local numpy batch -> global jax arrays sharded along the batch axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in _DEVICE_KEYS}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+        for k in _DEVICE_KEYS
+    }
 
 
 def loader_config(config):
@@ -160,11 +188,15 @@ def train(config, workdir):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"config.{name} does not exist: {path}")
     if not config.resnet_checkpoint:
-        logging.warning("config.resnet_checkpoint is not set: the backbone starts from random weights")
+        logging.warning(
+            "config.resnet_checkpoint is not set: the backbone starts from random weights"
+        )
     mesh = parallel.global_mesh()
     n_dev = mesh.devices.size
     if config.batch_size % n_dev:
-        raise utils.ConfigError(f"config.batch_size={config.batch_size} must be a multiple of the {n_dev} devices")
+        raise utils.ConfigError(
+            f"config.batch_size={config.batch_size} must be a multiple of the {n_dev} devices"
+        )
     data_sharding = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -174,7 +206,9 @@ def train(config, workdir):
     init_rng, step_rng = jax.random.split(rng)
     state = init_state(model, tx, init_rng, config.resnet_checkpoint or None)
     state = jax.device_put(state, replicated)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+    )
     state, data_state = checkpointer.restore(state)
     start = int(state.step)
     if start:
@@ -212,9 +246,12 @@ def train(config, workdir):
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not np.isfinite(host["total_loss"]):
                     bad = {k: v for k, v in host.items() if not np.isfinite(v)}
-                    where = f"step {last_good} in {checkpointer.directory}" if last_good else "none yet"
+                    where = (
+                        f"step {last_good} in {checkpointer.directory}" if last_good else "none yet"
+                    )
                     raise FloatingPointError(
-                        f"Non-finite loss at step {done}: {bad}. Stopping; last good checkpoint: {where}"
+                        f"Non-finite loss at step {done}: {bad}. Stopping; "
+                        f"last good checkpoint: {where}"
                     )
                 elapsed = time.perf_counter() - t0
                 host["images_per_s"] = n_images / max(elapsed, 1e-9)

@@ -240,7 +240,9 @@ def test_dino_backbone_path_runs_and_matches_the_torch_keys(tmp_path):
     _write_images(tmp_path / "imgs", 2)
     cfg = _config(tmp_path / "imgs", backbone="dino", dino_checkpoint=str(ckpt), batch_size=2)
     extractor = pipeline.FeatureExtractor(cfg)
-    img = image_io.resize_uint8(image_io.load_image_rgb(str(tmp_path / "imgs" / "000000000001.png")), 160)
+    img = image_io.resize_uint8(
+        image_io.load_image_rgb(str(tmp_path / "imgs" / "000000000001.png")), 160
+    )
     norm = image_io.normalize_imagenet(img)[None]
     ours = extractor(norm, img[None])
     assert ours.shape == (1, 20, 20, 384)

@@ -25,15 +25,28 @@ def dataset(tmp_path_factory):
 def _cmd(dataset, workdir):
     image_dir, gt = dataset
     return [
-        sys.executable, "-m", "hassod_jax.main", "--config", CONFIG, "--workdir", str(workdir),
-        f"--config.train_json={gt}", f"--config.images={image_dir}",
+        sys.executable,
+        "-m",
+        "hassod_jax.main",
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        f"--config.train_json={gt}",
+        f"--config.images={image_dir}",
     ]
 
 
 def _env(cache):
     # A shared persistent compilation cache: the second and third runs do not recompile.
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 def _params(workdir, step):
@@ -49,17 +62,33 @@ def _params(workdir, step):
 def test_sigkill_and_resume_reaches_the_same_parameters(dataset, tmp_path):
     cache = tmp_path / "cache"
     full = tmp_path / "full"
-    r = subprocess.run(_cmd(dataset, full), cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        _cmd(dataset, full), cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (full / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     for x in lines:
-        for k in ("rpn/cls", "rpn/box", "stage0/cls", "stage2/box", "stage1/level", "mask", "lr", "images_per_s"):
+        for k in (
+            "rpn/cls",
+            "rpn/box",
+            "stage0/cls",
+            "stage2/box",
+            "stage1/level",
+            "mask",
+            "lr",
+            "images_per_s",
+        ):
             assert np.isfinite(x[k]), (k, x)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(dataset, killed), cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(dataset, killed),
+        cwd=ROOT,
+        env=_env(cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if (killed / "checkpoints" / "2").exists():
@@ -69,7 +98,14 @@ def test_sigkill_and_resume_reaches_the_same_parameters(dataset, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "checkpoints" / "4").exists()
-    r = subprocess.run(_cmd(dataset, killed), cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        _cmd(dataset, killed),
+        cwd=ROOT,
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming at step" in r.stderr
     a, b = _params(full, 4), _params(killed, 4)
