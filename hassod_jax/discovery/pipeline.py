@@ -367,22 +367,24 @@ def _process_chunk(
         progress.add_time("hac", t3 - t2)
         partitions.extend(parts)
 
-    jobs = []
-    for d, parts in zip(good, partitions):
-        job = {
+    qs = [None] * len(good)
+    if backend == "jax":
+        t1 = time.perf_counter()
+        qs = jax_crf_all([d["uint8"] for d in good], partitions, crf_kwargs, size, bs)
+        progress.add_time("crf", time.perf_counter() - t1)
+    jobs = [
+        {
             "uint8": d["uint8"],
             "height": d["height"],
             "width": d["width"],
             "partitions": parts,
+            "qs": q,
             "coverage": config.coverage,
             "min_area": config.min_area,
             "crf_kwargs": crf_kwargs,
         }
-        if backend == "jax":
-            t1 = time.perf_counter()
-            job["qs"] = [_jax_crf(d["uint8"], p, crf_kwargs, size) for p in parts]
-            progress.add_time("crf", time.perf_counter() - t1)
-        jobs.append(job)
+        for d, parts, q in zip(good, partitions, qs)
+    ]
 
     t1 = time.perf_counter()
     images, per_image = [], []
@@ -414,21 +416,40 @@ def _process_chunk(
     return {"images": images, "results": per_image, "skipped": skipped}
 
 
-_CRF_CACHE = {}
+def label_bucket(r):
+    """Labels are padded to a power of two (at least 8) so the CRF compiles a few shapes."""
+    return max(8, 1 << (r - 1).bit_length())
 
 
-def _jax_crf(image_u8, regions, crf_kwargs, size):
-    """CRF marginals on the device for one threshold's regions, labels padded to a bucket."""
+def jax_crf_all(images_u8, partitions, crf_kwargs, size, batch_size):
+    """CRF marginals on the device for every (image, threshold) of a chunk.
+
+    Pairs whose region counts fall in the same label bucket go through `dense_crf` together,
+    `batch_size` at a time (the last batch padded with repeats), so the device sees a few
+    static shapes. Returns, per image, a list over thresholds of (R, S, S) float32 arrays.
+    """
     from hassod_jax.discovery import crf, refine
 
-    r = regions.shape[0]
-    probs = refine.upsample_masks(regions, (size, size))
-    bucket = max(8, 1 << (r - 1).bit_length())
-    padded = np.zeros((bucket,) + probs.shape[1:], np.float32)
-    padded[:r] = probs
-    valid = np.arange(bucket) < r
-    q = crf.dense_crf(image_u8, padded, valid, **crf_kwargs)
-    return np.asarray(q)[:r]
+    groups = {}
+    for i, parts in enumerate(partitions):
+        for t, regions in enumerate(parts):
+            groups.setdefault(label_bucket(regions.shape[0]), []).append((i, t))
+    out = [[None] * len(parts) for parts in partitions]
+    for bucket, pairs in sorted(groups.items()):
+        for b in range(0, len(pairs), batch_size):
+            batch = pairs[b : b + batch_size]
+            batch = batch + [batch[-1]] * (batch_size - len(batch))
+            probs = np.zeros((batch_size, bucket, size, size), np.float32)
+            valid = np.zeros((batch_size, bucket), bool)
+            for k, (i, t) in enumerate(batch):
+                r = partitions[i][t].shape[0]
+                probs[k, :r] = refine.upsample_masks(partitions[i][t], (size, size))
+                valid[k, :r] = True
+            images = np.stack([images_u8[i] for i, _ in batch])
+            q = np.asarray(crf.dense_crf(images, probs, valid, **crf_kwargs))
+            for k, (i, t) in enumerate(batch[: len(pairs[b : b + batch_size])]):
+                out[i][t] = q[k, : partitions[i][t].shape[0]]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
