@@ -287,3 +287,30 @@ def test_jax_crf_backend_batches_pairs_and_agrees_with_pydensecrf(baseline, tmp_
         [a["segmentation"] for a in ours], [a["segmentation"] for a in ref], [0] * len(ref)
     )
     assert np.all(np.diag(np.asarray(ious)) >= 0.98)
+
+
+def test_sweep_reports_statistics_and_ar_per_threshold(tmp_path):
+    from hassod_jax.data import synthetic
+    from hassod_jax.discovery import sweep
+
+    image_dir, gt_json = synthetic.write_synthetic_dataset(str(tmp_path / "data"), 2, 0, (96, 128))
+    c = defaults.sweep()
+    c.images, c.gt_json = image_dir, gt_json
+    c.thresholds = (0.1, 0.2, 0.3, 0.4)
+    for k, v in FAST.items():
+        c[k] = v
+    report = sweep.run(c, str(tmp_path / "w"))
+    saved = _load(tmp_path / "w" / "sweep" / "sweep.json")
+    assert saved == json.loads(json.dumps(report))
+    stats = saved["statistics"]
+    assert list(stats) == ["0.1", "0.2", "0.3", "0.4", "ensemble"]
+    # One merge sequence: a higher threshold stops earlier, so it never has fewer regions.
+    regions = [stats[t]["regions_per_image"] for t in ("0.1", "0.2", "0.3", "0.4")]
+    assert regions == sorted(regions) and regions[0] >= 1
+    segm = saved["segm"]
+    assert set(segm) == {"0.1", "0.2", "0.3", "0.4", "ensemble", "ensemble_0.1_0.2_0.4"}
+    assert all(0.0 <= segm[k]["AR@100"] <= 1.0 for k in segm)
+    assert (
+        segm["ensemble"]["AR@100"]
+        >= max(segm[t]["AR@100"] for t in ("0.1", "0.2", "0.3", "0.4")) - 1e-9
+    )
