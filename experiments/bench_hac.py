@@ -3,7 +3,8 @@
 Measures ms per image for a 60x60x768 feature map (DINO ViT-B/8 keys at 480 px) with the
 paper's thresholds (0.4, 0.2, 0.1) and with a 100-threshold sweep, one image at a time and
 batched, against the float64 NumPy oracle of tests/discovery/hac_reference.py in the same
-run (once: it is slow); and the tree on 300 masks of 480x640.
+run (once: it is slow); and the tree on 13, 50 and 300 masks of 480x640 (pooled from 3
+partitions, as HAC's refined masks are, and random ellipses).
 
   python experiments/bench_hac.py [--quick] [--batch 8 64] [--out results.json]
 
@@ -51,6 +52,29 @@ def _blobs(rng, n, h, w):
     return np.stack(
         [((yy - cy[i]) / ry[i]) ** 2 + ((xx - cx[i]) / rx[i]) ** 2 <= 1 for i in range(n)]
     )
+
+
+def _pool(rng, n, h, w, patch=8):
+    """n masks pooled from 3 partitions of an h x w image, like HAC's refined masks.
+
+    Each partition is a Voronoi partition of the (h/patch, w/patch) patch grid (n/6, n/3 and
+    the rest of the n regions) upsampled by `patch`; every mask is then shifted by up to 3
+    pixels, as the CRF refinement moves boundaries (so masks overlap and leave gaps).
+    """
+    gh, gw = h // patch, w // patch
+    yy, xx = np.mgrid[0:gh, 0:gw]
+    sizes = [max(1, n // 6), max(1, n // 3)]
+    sizes.append(n - sum(sizes))
+    out = []
+    for k in sizes:
+        seeds = rng.uniform(0, [gh, gw], size=(k, 2))
+        dist = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
+        lab = np.repeat(np.repeat(np.argmin(dist, -1), patch, 0), patch, 1)
+        lab = np.pad(lab, ((0, h - lab.shape[0]), (0, w - lab.shape[1])), mode="edge")
+        for j in range(k):
+            shift = tuple(int(s) for s in rng.integers(-3, 4, 2))
+            out.append(np.roll(lab == j, shift, axis=(0, 1)))
+    return np.stack(out)
 
 
 def _time(fn, repeats):
@@ -116,13 +140,14 @@ def main(argv=None):
             record(f"batch {b} merge+cut {name}", _time(run, max(1, repeats // 2)), b)
 
     tree_rng = np.random.default_rng(1)
-    for n_tree in (13, 50) if args.quick else (13, 50, 300):
-        tree_masks = _blobs(tree_rng, n_tree, 480, 640)
-        record(
-            f"tree {n_tree} masks 480x640 (per image)",
-            _time(lambda m=tree_masks: hierarchy_levels(m, 0.9), repeats),
-            1,
-        )
+    for n_tree in (13, 50, 300):
+        for kind, make in (("3 partitions", _pool), ("random ellipses", _blobs)):
+            tree_masks = make(tree_rng, n_tree, 480, 640)
+            record(
+                f"tree {n_tree} masks 480x640, {kind}",
+                _time(lambda m=tree_masks: hierarchy_levels(m, 0.9), repeats),
+                1,
+            )
 
     if not args.no_oracle:
         from discovery.hac_reference import reference_partitions
@@ -135,10 +160,10 @@ def main(argv=None):
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
     print("wall ms: elapsed time; CPU ms: process CPU time, all threads (robust to sharing)")
-    print(f"{'case':<52} {'wall ms/img':>12} {'CPU ms/img':>12} {'images/s':>10}")
+    print(f"{'case':<58} {'wall ms/img':>12} {'CPU ms/img':>12} {'images/s':>10}")
     for row in rows:
         print(
-            f"{row['case']:<52} {row['ms_per_image']:>12.2f} {row['cpu_ms_per_image']:>12.2f} "
+            f"{row['case']:<58} {row['ms_per_image']:>12.2f} {row['cpu_ms_per_image']:>12.2f} "
             f"{row['images_per_s']:>10.1f}"
         )
     if args.out:

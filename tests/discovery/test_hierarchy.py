@@ -125,3 +125,60 @@ def test_run_collapsed_intersections_are_exact():
     for masks in (_nested(rng, 24, 30), rng.random((9, 17, 13)) < 0.5, _random_rects(rng, 7, 5, 4)):
         flat = masks.reshape(masks.shape[0], -1).astype(np.int64)
         np.testing.assert_array_equal(_intersections_host(masks), flat @ flat.T)
+
+
+def _pooled_partitions(rng, sizes, h, w):
+    """Masks pooled from a few Voronoi partitions, each mask shifted by up to 2 pixels (as a
+    refinement moves boundaries): the kind of pool the discovery stage builds."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    masks = []
+    for k in sizes:
+        seeds = rng.uniform(0, [h, w], size=(k, 2))
+        lab = np.argmin((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2, -1)
+        for j in range(k):
+            shift = tuple(int(s) for s in rng.integers(-2, 3, 2))
+            masks.append(np.roll(lab == j, shift, axis=(0, 1)))
+    return np.stack(masks)
+
+
+def test_atom_intersections_many_masks_and_hash_collisions(monkeypatch):
+    from hassod_jax.discovery import hierarchy
+
+    rng = np.random.default_rng(12)
+    # 71 masks: two 64-bit membership words and a partial byte; 27 x 35 pixels: a partial
+    # 8-pixel word at the end.
+    pool = _pooled_partitions(rng, [9, 22, 40], 27, 35)
+    blobs = rng.random((70, 27, 35)) < rng.uniform(0.05, 0.95, (70, 1, 1))
+    for masks in (pool, blobs, pool[:1], np.zeros((3, 1, 1), bool)):
+        flat = masks.reshape(masks.shape[0], -1).astype(np.int64)
+        want = flat @ flat.T
+        np.testing.assert_array_equal(hierarchy._intersections_host(masks), want)
+        # Every hash colliding forces the exact fallback.
+        with monkeypatch.context() as patch:
+            patch.setattr(hierarchy, "_atom_hash", lambda keys: np.zeros(len(keys), np.uint64))
+            np.testing.assert_array_equal(hierarchy._intersections_host(masks), want)
+
+
+def test_pooled_partitions_against_oracle():
+    rng = np.random.default_rng(13)
+    for sizes in ([3, 6, 12], [2, 5, 9, 15]):
+        masks = _pooled_partitions(rng, sizes, 30, 40)
+        for cov in (0.9, 0.75):
+            _check(masks, cov)
+        # 0/1 integers are accepted like bools.
+        levels, parents = hierarchy_levels(masks.astype(np.uint8), 0.9)
+        np.testing.assert_array_equal(parents, reference_hierarchy(masks, 0.9)[1])
+
+
+def test_atom_products_sparse_and_dense_forms():
+    from hassod_jax.discovery.hierarchy import _atom_products
+
+    rng = np.random.default_rng(14)
+    for n_atoms, n, density in ((40, 9, 0.1), (300, 70, 0.03), (25, 33, 0.6), (1, 1, 1.0)):
+        atoms = (rng.random((n_atoms, n)) < density).astype(np.uint8)
+        counts = rng.integers(1, 5000, n_atoms)
+        want = atoms.T.astype(np.int64) @ (atoms.astype(np.int64) * counts[:, None])
+        for dense in (None, True, False):
+            got = _atom_products(atoms, counts, dense=dense)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, want)
