@@ -88,6 +88,16 @@ def training():
     c.log_every = 20
     c.checkpoint_every = 2000
     c.keep_checkpoints = 3
+    # Periodic class-agnostic evaluation ('' = off): a COCO JSON and its image folder. The
+    # resized validation images are padded to the training buckets (data.buckets, or the
+    # loader's defaults, which hold every 800 x 1333 test size).
+    c.val_json = ""
+    c.val_images = ""
+    c.eval_every = 5000
+    c.val_short_edge = 800  # detectron2's test-time ResizeShortestEdge
+    c.val_max_size = 1333
+    c.val_batch_size = 1
+    c.val_max_images = -1  # -1 = all
     c.data = ml_collections.ConfigDict(
         dict(
             short_edges=(240, 320, 480, 640, 672, 704, 736, 768, 800, 1024),

@@ -5,6 +5,14 @@ is sharded along it, the train state is replicated, so batch-norm statistics com
 the step are the global (synchronised) ones. The state is donated. Checkpoints (orbax) hold
 the whole state and the data iterator's position; a rerun resumes from the newest. A
 non-finite loss stops the run and names the last good checkpoint.
+
+Periodic evaluation (`config.val_json` and `config.val_images` set, every `config.eval_every`
+steps and at the end): process 0 runs `evaluate.predict` with a host copy of the current
+params and batch statistics on the validation images and `evaluate_coco` on the results,
+and logs `val/{bbox,segm}/{AP,AP50,AR@100}` and `val/level_accuracy` (the level head's
+accuracy on detections whose box overlaps a ground-truth instance with IoU >= 0.5, against
+that instance's `hier_level`). Evaluation reads the state only, so it does not change the
+training trajectory.
 """
 
 import dataclasses
@@ -177,12 +185,84 @@ def loader_config(config):
     )
 
 
+def _eval_enabled(config):
+    val_json, val_images = config.get("val_json", ""), config.get("val_images", "")
+    if bool(val_json) != bool(val_images):
+        raise utils.ConfigError(
+            "periodic evaluation needs both config.val_json and config.val_images "
+            f"(got val_json={val_json!r}, val_images={val_images!r})"
+        )
+    for name in ("val_json", "val_images"):
+        path = config.get(name, "")
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"config.{name} does not exist: {path}")
+    if val_json and config.get("eval_every", 0) < 1:
+        raise utils.ConfigError(f"config.eval_every must be >= 1, got {config.eval_every}")
+    return bool(val_json)
+
+
+def evaluate_state(config, model, state, predict_fn=None):
+    """Class-agnostic COCO metrics of `state` on config.val_json / config.val_images.
+
+    Returns a flat {name: float} dict: val/{bbox,segm}/{AP, AP50, AR@100},
+    val/level_accuracy (-1 when no detection is foreground), val/num_predictions, val/seconds.
+    """
+    from hassod_jax.data import loader
+    from hassod_jax.evaluate import coco_eval, predict
+
+    t0 = time.perf_counter()
+    # A host copy: the replicated global arrays may span other processes' devices, while
+    # inference runs on this process's default device only.
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    images = predict.images_from_coco(
+        config.val_json, config.val_images, config.get("val_max_images", -1)
+    )
+    buckets = tuple(tuple(b) for b in config.data.buckets) or loader.DEFAULT_BUCKETS
+    preds = predict.predict(
+        model,
+        variables,
+        images,
+        short_edge=config.get("val_short_edge", 800),
+        max_size=config.get("val_max_size", 1333),
+        buckets=buckets,
+        batch_size=config.get("val_batch_size", 1),
+        predict_fn=predict_fn,
+    )
+    ids = {image_id for _, image_id in images}
+    gt = _subset_gt(config.val_json, ids)
+    metrics = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"), max_dets=(1, 10, 100))
+    out = {}
+    for t in ("bbox", "segm"):
+        for k in ("AP", "AP50", "AR@100"):
+            if k in metrics[t]:
+                out[f"val/{t}/{k}"] = float(metrics[t][k])
+    out["val/level_accuracy"], _ = predict.level_accuracy(gt, preds)
+    out["val/num_predictions"] = float(len(preds))
+    out["val/seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _subset_gt(val_json, image_ids):
+    """The ground truth restricted to the evaluated images (val_max_images)."""
+    from hassod_jax.data.coco import load_coco_json
+
+    data = load_coco_json(val_json)
+    if len(image_ids) == len(data["images"]):
+        return data
+    return {
+        **data,
+        "images": [im for im in data["images"] if im["id"] in image_ids],
+        "annotations": [a for a in data["annotations"] if a["image_id"] in image_ids],
+    }
+
+
 def train(config, workdir):
     """Runs (or resumes) training; returns the final state and the last logged metrics."""
     from hassod_jax.data import loader
 
     parallel.maybe_initialize_distributed()
     utils.require(config, "train_json", "images", mode=config.mode)
+    eval_on = _eval_enabled(config)
     for name in ("train_json", "images", "resnet_checkpoint"):
         path = config.get(name)
         if path and not os.path.exists(path):
@@ -233,6 +313,11 @@ def train(config, workdir):
     )
     writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
     last_good = checkpointer.latest_step()
+    predict_fn = None
+    if eval_on and jax.process_index() == 0:
+        from hassod_jax.evaluate import predict
+
+        predict_fn = predict.make_predict_fn(model)
     metrics, t0, n_images = {}, time.perf_counter(), 0
     try:
         for step in range(start, config.max_iter):
@@ -270,6 +355,16 @@ def train(config, workdir):
             if save_now:
                 checkpointer.save(done, state, it.get_state())
                 last_good = done
+            if eval_on and (done % config.eval_every == 0 or done == config.max_iter):
+                if jax.process_index() == 0:
+                    val = evaluate_state(config, model, state, predict_fn)
+                    metrics = {**metrics, **val}
+                    writer.write_scalars(done, val)
+                    logging.info(
+                        "step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                    )
+                # Training throughput excludes evaluation.
+                t0, n_images = time.perf_counter(), 0
     finally:
         checkpointer.close()
         if writer is not None:

@@ -1,0 +1,229 @@
+"""Inference to COCO results: box rescale + mask paste against the jnp op at the original size,
+RLE round trip through pycocotools, and a random small detector's predictions accepted by
+evaluate_coco."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from hassod_jax import ops
+from hassod_jax.evaluate import predict as P
+
+
+def _smooth_masks(rng, k, m):
+    from scipy import ndimage
+
+    raw = rng.normal(size=(k, m, m))
+    raw = ndimage.gaussian_filter(raw, sigma=(0, 3, 3))
+    return (1.0 / (1.0 + np.exp(-8.0 * raw / raw.std()))).astype(np.float32)
+
+
+def _soft_paste_f64(mask, box, h, w):
+    """float64 transcription of detectron2's _do_paste_mask (grid_sample, align_corners=False,
+    zero padding) for one box: the soft value at every image pixel, to locate threshold ties."""
+    m = mask.shape[0]
+    x0, y0, x1, y1 = (float(v) for v in box)
+
+    def axis(lo, hi, n):
+        p = np.arange(n, dtype=np.float64) + 0.5
+        coord = ((p - lo) / (hi - lo) * 2.0) * m / 2.0 - 0.5
+        low = np.floor(coord).astype(int)
+        frac = coord - low
+        a = np.zeros((n, m))
+        for j in range(n):
+            for t, wt in ((low[j], 1.0 - frac[j]), (low[j] + 1, frac[j])):
+                if 0 <= t < m:
+                    a[j, t] += wt
+        return a
+
+    return axis(y0, y1, h) @ mask.astype(np.float64) @ axis(x0, x1, w).T
+
+
+def test_rescale_boxes_is_detector_postprocess():
+    boxes = np.array(
+        [[10.0, 5.0, 60.0, 40.0], [-3.0, 2.0, 200.0, 90.5], [50.0, 50.0, 50.0, 70.0]], np.float32
+    )
+    out, nonempty = P.rescale_boxes(boxes, (96, 128), (150, 203))
+    # detectron2: scale x by W_orig / w_resized, y by H_orig / h_resized, clip, nonempty.
+    ref = boxes.astype(np.float64) * np.array([203 / 128, 150 / 96, 203 / 128, 150 / 96])
+    ref[:, 0::2] = ref[:, 0::2].clip(0, 203)
+    ref[:, 1::2] = ref[:, 1::2].clip(0, 150)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    np.testing.assert_array_equal(nonempty, [True, True, False])
+
+
+def test_host_paste_matches_ops_paste_at_the_original_size():
+    rng = np.random.default_rng(0)
+    k, m, h, w = 10, 28, 75, 101  # original size; the detector saw (96, 128)
+    masks = _smooth_masks(rng, k, m)
+    xy = rng.uniform(-10, [128, 96], (k, 2))
+    wh = rng.uniform(4, [100, 80], (k, 2))
+    resized_boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    boxes, nonempty = P.rescale_boxes(resized_boxes, (96, 128), (h, w))
+    assert nonempty.all()
+    got = P.paste_masks_numpy(masks, boxes, h, w)
+    ref = np.asarray(jax.jit(lambda a, b: ops.paste_masks_in_image(a, b, h, w))(masks, boxes))
+    assert got.shape == ref.shape == (k, h, w) and got.dtype == bool
+    diff = got != ref
+    if diff.any():  # only at threshold ties, to float32 precision
+        for i, y, x in zip(*np.nonzero(diff)):
+            soft = _soft_paste_f64(masks[i], boxes[i], h, w)[y, x]
+            assert abs(soft - 0.5) < 1e-5, (i, y, x, soft)
+    assert diff.sum() <= 2
+    assert ref.sum() > 500  # not vacuous
+    # And against the float64 transcription directly.
+    for i in range(k):
+        soft = _soft_paste_f64(masks[i], boxes[i], h, w)
+        clear = np.abs(soft - 0.5) > 1e-5
+        np.testing.assert_array_equal(got[i][clear], (soft >= 0.5)[clear])
+
+
+def test_detections_to_coco_fields_and_rle_round_trip():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(1)
+    d, m = 6, 28
+    boxes = np.array(
+        [
+            [5, 5, 60, 50],
+            [20, 10, 120, 90],
+            [0, 0, 10, 10],
+            [30, 30, 30, 60],  # empty: dropped
+            [40, 40, 90, 95],
+            [1, 2, 3, 4],
+        ],
+        np.float32,
+    )
+    det = {
+        "boxes": boxes,
+        "scores": np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], np.float32),
+        "level_probs": rng.uniform(size=(d, 3)).astype(np.float32),
+        "masks": _smooth_masks(rng, d, m),
+        "valid": np.array([1, 1, 1, 1, 1, 0], bool),  # last: padding
+    }
+    res = P.detections_to_coco(det, 7, (96, 128), (120, 160))
+    assert len(res) == 4
+    keep = [0, 1, 2, 4]
+    exp_boxes, _ = P.rescale_boxes(boxes[keep], (96, 128), (120, 160))
+    exp_masks = P.paste_masks_numpy(det["masks"][keep], exp_boxes, 120, 160)
+    for r, j, eb, em in zip(res, keep, exp_boxes, exp_masks):
+        assert r["image_id"] == 7 and r["category_id"] == 1
+        assert r["score"] == pytest.approx(float(det["scores"][j]))
+        assert r["hier_level"] == int(np.argmax(det["level_probs"][j]))
+        np.testing.assert_allclose(r["bbox"], [eb[0], eb[1], eb[2] - eb[0], eb[3] - eb[1]])
+        assert isinstance(r["segmentation"]["counts"], str)
+        assert r["segmentation"]["size"] == [120, 160]
+        seg = dict(r["segmentation"], counts=r["segmentation"]["counts"].encode())
+        np.testing.assert_array_equal(mask_utils.decode(seg).astype(bool), em)
+
+
+def test_level_accuracy_on_crafted_predictions():
+    gt = {
+        "images": [{"id": 1, "height": 50, "width": 50, "file_name": "a.png"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [0, 0, 20, 20], "hier_level": 0, "category_id": 1},
+            {"id": 2, "image_id": 1, "bbox": [30, 30, 10, 10], "hier_level": 2, "category_id": 1},
+        ],
+        "categories": [{"id": 1, "name": "fg"}],
+    }
+    preds = [
+        {"image_id": 1, "bbox": [0, 0, 20, 19], "hier_level": 0},  # fg, right
+        {"image_id": 1, "bbox": [30, 30, 10, 10], "hier_level": 1},  # fg, wrong
+        {"image_id": 1, "bbox": [30, 30, 9, 9], "hier_level": 2},  # fg (IoU 0.81), right
+        {"image_id": 1, "bbox": [0, 30, 5, 5], "hier_level": 2},  # background: not counted
+    ]
+    acc, n = P.level_accuracy(gt, preds)
+    assert n == 3 and acc == pytest.approx(2 / 3)
+    assert P.level_accuracy(gt, preds[3:]) == (-1.0, 0)
+
+
+def test_padded_shape_buckets():
+    assert P.padded_shape(96, 130) == (96, 160)
+    assert P.padded_shape(96, 130, ((128, 128), (96, 160), (128, 192))) == (96, 160)
+    with pytest.raises(ValueError, match="no bucket holds"):
+        P.padded_shape(300, 300, ((128, 128),))
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    from hassod_jax.models import detector
+
+    model = detector.CascadeMaskRCNN(detector.SMALL_CONFIG)
+    variables = jax.jit(lambda r: model.init(r, np.zeros((1, 64, 64, 3), np.float32)))(
+        jax.random.PRNGKey(0)
+    )
+    return model, jax.device_get(variables)
+
+
+def test_predict_random_model_gives_valid_coco_results(random_model, tmp_path):
+    from hassod_jax.data import synthetic
+    from hassod_jax.data.coco import load_coco_json
+    from hassod_jax.evaluate.coco_eval import evaluate_coco
+
+    model, variables = random_model
+    image_dir, gt_json = synthetic.write_synthetic_dataset(str(tmp_path), 3, 0, (72, 100))
+    images = P.images_from_coco(gt_json, image_dir)
+    # Resized to short side 96: 96 x 133 -> padded 96 x 160 (one shape, batch of 2 + 1).
+    preds = P.predict(
+        model, variables, images, short_edge=96, max_size=160, batch_size=2, detections=10
+    )
+    assert preds, "a random model still emits detections (score threshold 0)"
+    per_image = {}
+    for p in preds:
+        per_image.setdefault(p["image_id"], []).append(p)
+        x, y, w, h = p["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 100 + 1e-3
+        assert y + h <= 72 + 1e-3
+        assert 0.0 <= p["score"] <= 1.0 and p["hier_level"] in (0, 1, 2)
+        assert p["segmentation"]["size"] == [72, 100]
+        assert p["category_id"] == 1
+    assert sorted(per_image) == [1, 2, 3]
+    assert all(len(v) <= 10 for v in per_image.values())
+    for v in per_image.values():
+        scores = [p["score"] for p in v]
+        assert scores == sorted(scores, reverse=True)
+    metrics = evaluate_coco(gt_json, preds, max_dets=(1, 10, 100))
+    for t in ("bbox", "segm"):
+        assert 0.0 <= metrics[t]["AP50"] <= 1.0 and 0.0 <= metrics[t]["AR@100"] <= 1.0
+
+    # The same image alone (as an array, batch 1) gives the same detections, so blank
+    # batch-filling images do not leak into results; and they are the model's own boxes
+    # rescaled to the original size (an independent resize/normalise/pad/apply here).
+    from PIL import Image
+
+    from hassod_jax.models.detector import PIXEL_MEAN, PIXEL_STD
+
+    img = np.asarray(Image.open(images[1][0]).convert("RGB"))
+    alone = P.predict(
+        model, variables, [(img, 2)], short_edge=96, max_size=160, batch_size=1, detections=10
+    )
+    assert len(alone) == len(per_image[2])
+    for a, b in zip(alone, per_image[2]):
+        np.testing.assert_allclose(a["bbox"], b["bbox"], rtol=1e-4, atol=1e-3)
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-5)
+    resized = np.asarray(Image.fromarray(img).resize((133, 96), Image.BILINEAR), np.float64)
+    x = np.zeros((1, 96, 160, 3), np.float32)
+    x[0, :, :133] = (resized - np.asarray(PIXEL_MEAN)) / np.asarray(PIXEL_STD)
+    m10 = model.clone(config=dataclasses.replace(model.config, detections_per_image=10))
+    out = jax.device_get(
+        jax.jit(lambda v, a: m10.apply(v, a, image_sizes=np.array([[96, 133]])))(variables, x)
+    )
+    ok = out["valid"][0]
+    b = out["boxes"][0][ok].astype(np.float64) * np.array([100 / 133, 72 / 96] * 2)
+    b[:, 0::2] = b[:, 0::2].clip(0, 100)
+    b[:, 1::2] = b[:, 1::2].clip(0, 72)
+    b = b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
+    got = np.array([a["bbox"] for a in alone])
+    np.testing.assert_allclose(got[:, :2], b[:, :2], rtol=1e-4, atol=2e-3)
+    np.testing.assert_allclose(got[:, 2:], b[:, 2:] - b[:, :2], rtol=1e-4, atol=2e-3)
+    assert {im["id"] for im in load_coco_json(gt_json)["images"]} == {1, 2, 3}
+
+
+def test_predict_rejects_bad_input(random_model):
+    model, variables = random_model
+    with pytest.raises(ValueError, match="uint8"):
+        P.predict(model, variables, [(np.zeros((10, 10, 3), np.float32), 1)])
+    with pytest.raises(ValueError, match="batch_size"):
+        P.predict(model, variables, [], batch_size=0)
