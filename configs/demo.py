@@ -18,6 +18,7 @@ def get_config(arg=None):
     c.seed = 0
     c.photos = ("astronaut", "coffee", "chelsea", "rocket", "coins", "horse")
     c.num_pictures = 12
+    c.train_steps = 200  # a short run of the small detector on the pseudo-labels; 0 = off
     c.chunk_size = 4
     c.batch_size = 4
     c.log_every_s = 10.0

@@ -20,6 +20,7 @@ def _config():
     c.photos = ("coffee",)
     c.image_size = 160
     c.num_workers = 0
+    c.train_steps = 0
     return c
 
 
