@@ -112,3 +112,49 @@ def test_sigkill_and_resume_reaches_the_same_parameters(dataset, tmp_path):
     assert [p for p, _ in a] == [p for p, _ in b]
     for (path, x), (_, y) in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+_NAN_SCRIPT = r"""
+import importlib.util, sys
+import jax.numpy as jnp
+from hassod_jax.train import supervised
+
+spec = importlib.util.spec_from_file_location("cfg", sys.argv[1])
+cfg = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cfg)
+c = cfg.get_config()
+c.train_json, c.images = sys.argv[2], sys.argv[3]
+real = supervised.make_train_step
+
+
+def poisoned(model, tx, schedule):
+    step = real(model, tx, schedule)
+
+    def fn(state, batch, rng):  # the loss of the second step becomes NaN
+        new_state, metrics = step(state, batch, rng)
+        bad = jnp.where(state.step >= 1, jnp.nan, 0.0)
+        return new_state, {**metrics, "total_loss": metrics["total_loss"] + bad}
+
+    return fn
+
+
+supervised.make_train_step = poisoned
+supervised.train(c, sys.argv[4])
+"""
+
+
+def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(dataset, tmp_path):
+    image_dir, gt = dataset
+    work = tmp_path / "w"
+    r = subprocess.run(
+        [sys.executable, "-c", _NAN_SCRIPT, CONFIG, gt, image_dir, str(work)],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode != 0
+    assert "FloatingPointError: Non-finite loss at step 2" in r.stderr, r.stderr[-2000:]
+    assert f"last good checkpoint: step 1 in {work / 'checkpoints'}" in r.stderr
+    assert (work / "checkpoints" / "1").exists() and not (work / "checkpoints" / "2").exists()
