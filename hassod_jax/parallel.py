@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
 
@@ -49,11 +49,6 @@ def local_mesh(axis_name="data"):
 def global_mesh(axis_name="data"):
     """A 1-D mesh over every device of every process."""
     return Mesh(np.array(jax.devices()), (axis_name,))
-
-
-def batch_sharding(mesh, axis_name="data"):
-    """Shards the leading (batch) axis over `axis_name`, replicates the rest."""
-    return NamedSharding(mesh, PartitionSpec(axis_name))
 
 
 def shard_index(job_index=0, num_jobs=1):
