@@ -197,12 +197,15 @@ def make_scene(rng, size=(240, 320), n_objects=(2, 4)):
     return img, annotations
 
 
-def write_synthetic_dataset(folder, n, seed=0, size=(240, 320), image_format="png"):
+def write_synthetic_dataset(
+    folder, n, seed=0, size=(240, 320), image_format="png", n_objects=(2, 4)
+):
     """Writes `n` scenes and their COCO ground truth.
 
     Images go to `folder/images/{id:06d}.{png|jpg}` (ids 1..n, numeric stems), the ground
     truth to `folder/ground_truth.json`: one category {1, 'fg'}, RLE segmentations (str
     counts), area and bbox from the RLE, iscrowd 0, hier_level 0/1/2.
+    `n_objects` is passed to `make_scene` (range of whole objects per scene).
     Returns (image_dir, coco_json_path). Deterministic in `seed`.
     """
     from hassod_jax.data.coco import encode_mask, make_coco_dict
@@ -215,7 +218,7 @@ def write_synthetic_dataset(folder, n, seed=0, size=(240, 320), image_format="pn
     rng = np.random.default_rng(seed)
     images, anns = [], []
     for image_id in range(1, n + 1):
-        img, scene = make_scene(rng, size)
+        img, scene = make_scene(rng, size, n_objects=n_objects)
         name = f"{image_id:06d}.{image_format}"
         path = os.path.join(image_dir, name)
         tmp = os.path.join(image_dir, f".tmp_{name}")

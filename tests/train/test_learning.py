@@ -13,8 +13,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = (128, 128)
 N_OBJECTS = (1, 2)
@@ -64,34 +62,9 @@ print("METRICS " + json.dumps({k: float(v) for k, v in metrics.items()}))
 
 def _write_scenes(folder, n, seed):
     """Scenes with few, big objects (and their parts), all levels kept as ground truth."""
-    from PIL import Image
+    from hassod_jax.data.synthetic import write_synthetic_dataset
 
-    from hassod_jax.data.coco import encode_mask, make_coco_dict
-    from hassod_jax.data.synthetic import make_scene
-    from hassod_jax.utils import atomic_write_json
-
-    image_dir = os.path.join(folder, "images")
-    os.makedirs(image_dir, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    images, anns = [], []
-    for image_id in range(1, n + 1):
-        img, scene = make_scene(rng, SIZE, n_objects=N_OBJECTS)
-        name = f"{image_id:06d}.png"
-        Image.fromarray(img).save(os.path.join(image_dir, name))
-        images.append({"id": image_id, "file_name": name, "height": SIZE[0], "width": SIZE[1]})
-        for a in scene:
-            anns.append(
-                {
-                    "image_id": image_id,
-                    "category_id": 1,
-                    "iscrowd": 0,
-                    "hier_level": int(a["hier_level"]),
-                    **encode_mask(a["mask"]),
-                }
-            )
-    path = os.path.join(folder, "gt.json")
-    atomic_write_json(path, make_coco_dict(images, anns))
-    return image_dir, path
+    return write_synthetic_dataset(folder, n, seed, SIZE, n_objects=N_OBJECTS)
 
 
 def test_small_detector_learns_generated_scenes(tmp_path):
