@@ -3,8 +3,9 @@
 Measures ms per image for a 60x60x768 feature map (DINO ViT-B/8 keys at 480 px) with the
 paper's thresholds (0.4, 0.2, 0.1) and with a 100-threshold sweep, one image at a time and
 batched, against the float64 NumPy oracle of tests/discovery/hac_reference.py in the same
-run (once: it is slow); and the tree on 13, 50 and 300 masks of 480x640 (pooled from 3
-partitions, as HAC's refined masks are, and random ellipses).
+run (once: it is slow); both merge loops: the jit-compiled one (`xla` rows) and the host C
+loop (`host` rows, when the extension is built); and the tree on 13, 50 and 300 masks of
+480x640 (pooled from 3 partitions, as HAC's refined masks are, and random ellipses).
 
   python experiments/bench_hac.py [--quick] [--batch 8 64] [--out results.json]
 
@@ -115,29 +116,35 @@ def main(argv=None):
             }
         )
 
-    one = jax.device_put(_features(rng, 1, h, w, d)[0])
+    one_np = _features(rng, 1, h, w, d)[0]
+    one = jax.device_put(one_np)
+    host = hac.native_available()
+    if not host:
+        print("note: hassod_jax.discovery._hac_native is not built; host rows skipped")
 
-    def single(thr):
-        def run():
-            return np.asarray(hac.cut_labels(hac.merge_sequence(one), thr))
+    def cut(merge, feats, thr):
+        return lambda: np.asarray(hac.cut_labels(merge(feats), thr))
 
-        return run
-
-    def partitions(thr):
-        return lambda: hac.hac_partitions(one, thr)
-
-    record(f"single {h}x{w}x{d} merge+cut (0.4,0.2,0.1)", _time(single(PAPER), repeats), 1)
-    record(f"single {h}x{w}x{d} merge+cut 100 thresholds", _time(single(SWEEP), repeats), 1)
-    record("single hac_partitions (0.4,0.2,0.1) masks", _time(partitions(PAPER), repeats), 1)
-    record("single hac_partitions 100 thresholds masks", _time(partitions(SWEEP), repeats), 1)
+    for name, thr in (("(0.4,0.2,0.1)", PAPER), ("100 thresholds", SWEEP)):
+        tag = f"{h}x{w}x{d} merge+cut {name}"
+        record(f"xla  single {tag}", _time(cut(hac.merge_sequence, one, thr), repeats), 1)
+        if host:
+            record(
+                f"host single {tag}", _time(cut(hac.merge_sequence_host, one_np, thr), repeats), 1
+            )
+    for name, thr in (("(0.4,0.2,0.1)", PAPER), ("100 thresholds", SWEEP)):
+        run = lambda thr=thr: hac.hac_partitions(one, thr)  # noqa: E731
+        record(f"hac_partitions single {name} (R, h, w) masks", _time(run, repeats), 1)
     for b in batches:
-        feats = jax.device_put(_features(rng, b, h, w, d))
+        feats_np = _features(rng, b, h, w, d)
+        feats = jax.device_put(feats_np)
         for name, thr in (("(0.4,0.2,0.1)", PAPER), ("100 thresholds", SWEEP)):
-
-            def run(feats=feats, thr=thr):
-                return np.asarray(hac.cut_labels(hac.merge_sequence_batch(feats), thr))
-
-            record(f"batch {b} merge+cut {name}", _time(run, max(1, repeats // 2)), b)
+            run = cut(hac.merge_sequence_batch, feats, thr)
+            record(f"xla  batch {b} merge+cut {name}", _time(run, max(1, repeats // 2)), b)
+            if host:
+                # hac_partitions' host path: one C loop per image in a thread pool.
+                run = lambda f=feats_np, thr=thr: hac.hac_partitions(f, thr, backend="host")  # noqa: E731
+                record(f"host batch {b} partitions {name}", _time(run, max(1, repeats // 2)), b)
 
     tree_rng = np.random.default_rng(1)
     for n_tree in (13, 50, 300):

@@ -3,7 +3,8 @@
 Float32 (JAX) and float64 (oracle) may legitimately order near-ties differently. A partition
 may therefore differ from the oracle's only where the oracle itself is within `_TIE` of a
 decision (two best region pairs, or a merge similarity and θ) at or before the cut; such
-cases are counted, and must be rare.
+cases are counted, and must be rare. Both merge loops are checked: the jit-compiled one
+(`merge_sequence`, `merge_sequence_batch`) and the host C loop (`merge_sequence_host`).
 """
 
 import os
@@ -48,33 +49,48 @@ def _mask_set(masks) -> set:
     return {np.packbits(m.ravel()).tobytes() + bytes(str(m.shape), "ascii") for m in masks}
 
 
-def _compare(features: np.ndarray, seq_keep, seq_gone, seq_sim, labels, thresholds, stats):
-    """Checks one map's JAX sequence and cuts against the oracle; updates stats."""
+def _host_sequences(feats: np.ndarray) -> hac.MergeSequence:
+    """(B, h, w, D) -> the host loop's sequences stacked to (B, M) arrays."""
+    seqs = [hac.merge_sequence_host(f) for f in feats.astype(np.float32)]
+    return hac.MergeSequence(*map(np.stack, zip(*seqs)))
+
+
+def _compare(features: np.ndarray, candidates: dict, thresholds, stats):
+    """Checks one map's merge sequences and cuts against the oracle; updates stats.
+
+    candidates: name -> (keep, gone, sim, labels) with labels (T, h*w) from `cut_labels`.
+    """
     h, w, _ = features.shape
     merges, margins = reference_merge_sequence(features)
     ref_sim = np.array([s for _, _, s in merges])
     ref_pairs = np.array([(r, t) for r, t, _ in merges]).reshape(-1, 2)
-    jax_pairs = np.stack([seq_keep, seq_gone], -1)
-    same = np.all(ref_pairs == jax_pairs, axis=1)
-    first_diff = int(np.argmin(same)) if not same.all() else len(same)
-    # Where the sequences agree, the similarities agree to float32 precision.
-    np.testing.assert_allclose(seq_sim[:first_diff], ref_sim[:first_diff], rtol=0, atol=3e-6)
-    if first_diff < len(same):
-        # Sequences may only part at a near-tie of the oracle.
-        assert margins[first_diff] < _TIE, (features.shape, first_diff, margins[first_diff])
-    for j, theta in enumerate(thresholds):
-        p = reference_cut(merges, h * w, theta)
-        want = reference_masks(merges, h, w, p)
-        got = hac.labels_to_masks(labels[j], h, w)
-        stats["cuts"] += 1
-        if _mask_set(got) == _mask_set(want):
-            continue
-        near = np.abs(ref_sim[: p + 1] - theta)
-        fragile = (len(margins[:p]) and np.min(margins[:p]) < _TIE) or (
-            near.size and near.min() < _TIE
-        )
-        assert fragile, (features.shape, theta, p, len(got), len(want))
-        stats["skipped"] += 1
+    for name, (seq_keep, seq_gone, seq_sim, labels) in candidates.items():
+        pairs = np.stack([seq_keep, seq_gone], -1)
+        same = np.all(ref_pairs == pairs, axis=1)
+        first_diff = int(np.argmin(same)) if not same.all() else len(same)
+        # Where the sequences agree, the similarities agree to float32 precision.
+        np.testing.assert_allclose(seq_sim[:first_diff], ref_sim[:first_diff], rtol=0, atol=3e-6)
+        if first_diff < len(same):
+            # Sequences may only part at a near-tie of the oracle.
+            assert margins[first_diff] < _TIE, (name, features.shape, first_diff)
+        for j, theta in enumerate(thresholds):
+            p = reference_cut(merges, h * w, theta)
+            want = reference_masks(merges, h, w, p)
+            got = hac.labels_to_masks(labels[j], h, w)
+            stats[name]["cuts"] += 1
+            if _mask_set(got) == _mask_set(want):
+                continue
+            near = np.abs(ref_sim[: p + 1] - theta)
+            fragile = (len(margins[:p]) and np.min(margins[:p]) < _TIE) or (
+                near.size and near.min() < _TIE
+            )
+            assert fragile, (name, features.shape, theta, p, len(got), len(want))
+            stats[name]["skipped"] += 1
+        stats[name]["maps"] += 1
+
+
+def _new_stats():
+    return {name: {"maps": 0, "cuts": 0, "skipped": 0} for name in ("xla", "host")}
 
 
 # (h, w, D, draws) per shape; kinds cycle so that every shape sees each kind.
@@ -92,46 +108,109 @@ _KINDS = ["noise", "piecewise", "noise", "piecewise", "constant", "zero"]
 
 def test_against_oracle_many_maps():
     rng = np.random.default_rng(1234)
-    stats = {"maps": 0, "cuts": 0, "skipped": 0}
+    stats = _new_stats()
     for h, w, d, draws in _SHAPES:
         feats = np.stack([_make(_KINDS[i % len(_KINDS)], h, w, d, rng) for i in range(draws)])
-        seq = hac.merge_sequence_batch(feats.astype(np.float32))
-        labels = np.asarray(hac.cut_labels(seq, THRESHOLDS))
-        keep, gone, sim = (np.asarray(x) for x in seq)
+        runs = {
+            "xla": hac.merge_sequence_batch(feats.astype(np.float32)),
+            "host": _host_sequences(feats),
+        }
+        per_run = {}
+        for name, seq in runs.items():
+            labels = np.asarray(hac.cut_labels(seq, THRESHOLDS))
+            per_run[name] = [np.asarray(x) for x in seq] + [labels]
         for i in range(draws):
-            _compare(feats[i], keep[i], gone[i], sim[i], labels[i], THRESHOLDS, stats)
-            stats["maps"] += 1
+            candidates = {name: [x[i] for x in arrays] for name, arrays in per_run.items()}
+            _compare(feats[i], candidates, THRESHOLDS, stats)
     print("HAC oracle comparison:", stats)
-    assert stats["maps"] >= 200
-    assert stats["skipped"] <= 0.01 * stats["cuts"], stats
+    for name in stats:
+        assert stats[name]["maps"] >= 200
+        assert stats[name]["skipped"] <= 0.01 * stats[name]["cuts"], stats
 
 
 def test_against_oracle_dino_sized():
     """60x60x768 maps, the size of DINO ViT-B/8 keys at 480 px."""
     rng = np.random.default_rng(7)
-    stats = {"maps": 0, "cuts": 0, "skipped": 0}
+    stats = _new_stats()
     thresholds = PAPER + [1.5, -1.0]
     for kind in ["piecewise", "noise", "piecewise"]:
         f = _make(kind, 60, 60, 768, rng)
-        seq = hac.merge_sequence(f.astype(np.float32))
-        labels = np.asarray(hac.cut_labels(seq, thresholds))
-        _compare(f, *(np.asarray(x) for x in seq), labels, thresholds, stats)
-        stats["maps"] += 1
+        candidates = {}
+        for name, seq in [
+            ("xla", hac.merge_sequence(f.astype(np.float32))),
+            ("host", hac.merge_sequence_host(f)),
+        ]:
+            labels = np.asarray(hac.cut_labels(seq, thresholds))
+            candidates[name] = [np.asarray(x) for x in seq] + [labels]
+        _compare(f, candidates, thresholds, stats)
     print("HAC oracle comparison 60x60x768:", stats)
-    assert stats["skipped"] <= 1, stats
+    for name in stats:
+        assert stats[name]["skipped"] <= 1, stats
 
 
-def test_extremes_and_api():
+@pytest.mark.parametrize("backend", ["xla", "host", None])
+def test_extremes_and_api(backend):
     rng = np.random.default_rng(3)
     f = rng.standard_normal((4, 6, 8)).astype(np.float32)
-    out = hac.hac_partitions(f, [1.01, 0.2, -1.0])
+    out = hac.hac_partitions(f, [1.01, 0.2, -1.0], backend=backend)
     assert len(out) == 3
     assert out[0].shape == (24, 4, 6) and out[0].dtype == bool
     assert out[2].shape == (1, 4, 6) and out[2].all()
     for masks in out:  # every partition covers each patch exactly once
         np.testing.assert_array_equal(masks.sum(0), np.ones((4, 6)))
-    single = hac.hac_partitions(np.ones((1, 1, 3), np.float32), [0.4, -2.0])
+    single = hac.hac_partitions(np.ones((1, 1, 3), np.float32), [0.4, -2.0], backend=backend)
     assert [m.shape for m in single] == [(1, 1, 1), (1, 1, 1)]
+    batch = hac.hac_partitions(np.ones((2, 1, 1, 3), np.float32), [0.4], backend=backend)
+    assert [[m.shape for m in per_image] for per_image in batch] == [[(1, 1, 1)], [(1, 1, 1)]]
+
+
+def test_host_loop_is_built_and_is_the_cpu_default():
+    # setup.py builds the extension; an install without a C compiler would fall back silently
+    # in CI, so the test suite insists on it.
+    assert hac.native_available()
+    assert hac._use_host(np.zeros((2, 2, 3), np.float32), None)
+    assert not hac._use_host(np.zeros((2, 2, 3), np.float32), "xla")
+    with pytest.raises(ValueError, match="backend"):
+        hac.hac_partitions(np.zeros((2, 2, 3), np.float32), [0.1], backend="gpu")
+
+
+def test_host_and_xla_partitions_agree_on_dino_like_maps():
+    """Structured 60x60x768 maps (the benchmark's kind), batched on the host in threads."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
+    from bench_hac import _features
+
+    feats = _features(np.random.default_rng(11), 3, 60, 60, 768)
+    host = hac.hac_partitions(feats, PAPER + SWEEP, backend="host")
+    for i in range(len(feats)):
+        xla = hac.hac_partitions(feats[i], PAPER + SWEEP, backend="xla")
+        for a, b in zip(host[i], xla):
+            assert _mask_set(a) == _mask_set(b)
+
+
+def test_without_the_extension_cpu_falls_back_to_xla(monkeypatch, caplog):
+    monkeypatch.setattr(hac, "_hac_native", None)
+    monkeypatch.setattr(hac, "_warned_no_native", False)
+    f = np.random.default_rng(2).standard_normal((5, 4, 6)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        out = hac.hac_partitions(f, PAPER)
+    assert "not built" in caplog.text
+    monkeypatch.undo()
+    for a, b in zip(out, hac.hac_partitions(f, PAPER, backend="host")):
+        assert _mask_set(a) == _mask_set(b)
+    monkeypatch.setattr(hac, "_hac_native", None)
+    with pytest.raises(RuntimeError, match="not built"):
+        hac.merge_sequence_host(f)
+
+
+def test_host_extension_checks_its_buffers():
+    f = np.zeros((3, 4, 2), np.float32)
+    keep, gone, sim = np.zeros(11, np.int32), np.zeros(11, np.int32), np.zeros(11, np.float32)
+    with pytest.raises(ValueError, match="buffer sizes"):
+        hac._hac_native.merge_sequence(f, 3, 4, 3, keep, gone, sim)
+    with pytest.raises(ValueError, match="bad shape"):
+        hac._hac_native.merge_sequence(f, 0, 4, 2, keep, gone, sim)
+    with pytest.raises(TypeError):
+        hac._hac_native.merge_sequence(f, 3, 4, 2, keep.tobytes(), gone, sim)  # read-only
 
 
 def test_batched_equals_single_and_chunk_has_no_effect():
