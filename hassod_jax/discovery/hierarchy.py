@@ -65,12 +65,26 @@ def _pack_membership(flat: np.ndarray) -> np.ndarray:
     return out.view(np.uint8)[:, :p]
 
 
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (Steele, Lea & Flood 2014), elementwise on uint64, wrapping:
+    every input bit affects every output bit."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
 def _atom_hash(keys: np.ndarray) -> np.ndarray:
-    """(K, W) uint64 membership words -> (K,) uint64 hash (sum of words times fixed odd
-    random multipliers, modulo 2**64). Equal keys give equal hashes; unequal keys collide
-    with probability about 2**-64 per pair, and the caller checks for that exactly."""
-    mult = np.random.default_rng(0x5EED).integers(1, 2**63, size=keys.shape[1], dtype=np.uint64)
-    return (keys * (mult | np.uint64(1))).sum(axis=1, dtype=np.uint64)  # wraps modulo 2**64
+    """(K, W) uint64 membership words -> (K,) uint64 hash: the sum of the mixed words, each
+    offset by its position first, modulo 2**64. Equal keys give equal hashes; unequal keys
+    collide with probability about 2**-64 per pair, and the caller checks for that exactly.
+
+    (A plain weighted sum of the raw words is not enough: multiplying by an odd number never
+    moves a bit down, so bit 63 of any word adds the same 2**63 and keys that swap their top
+    bits between words collide, which masks of 8 * 8k + 7 indices do all the time.)
+    """
+    offsets = _mix64(np.arange(1, keys.shape[1] + 1, dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        return _mix64(keys + offsets).sum(axis=1, dtype=np.uint64)  # wraps modulo 2**64
 
 
 def _intersections_host(masks: np.ndarray) -> np.ndarray:

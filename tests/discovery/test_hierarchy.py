@@ -159,6 +159,30 @@ def test_atom_intersections_many_masks_and_hash_collisions(monkeypatch):
             np.testing.assert_array_equal(hierarchy._intersections_host(masks), want)
 
 
+def test_atom_hash_separates_keys_that_move_top_bits_between_words():
+    """Membership keys differing only in which word holds bit 63 (mask 8 * 8k + 7 of each
+    word) must hash apart: a weighted sum of raw words maps all of them to 2**63."""
+    from hassod_jax.discovery import hierarchy
+
+    top, low = np.uint64(1 << 63), np.uint64(1 << 30)
+    keys = np.array(
+        [[low, 0, 0, top], [top | low, 0, 0, 0], [low, top, 0, 0], [low, 0, top, 0]], np.uint64
+    )
+    assert len(set(hierarchy._atom_hash(keys).tolist())) == 4
+    # Many random sparse keys: no collisions at all (the exact fallback stays unused).
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 5 * 64, size=(20000, 3))
+    keys = np.zeros((20000, 5), np.uint64)
+    for col in range(3):
+        np.bitwise_or.at(
+            keys,
+            (np.arange(20000), bits[:, col] // 64),
+            np.uint64(1) << (bits[:, col] % 64).astype(np.uint64),
+        )
+    distinct_keys = len(np.unique(keys, axis=0))
+    assert len(np.unique(hierarchy._atom_hash(keys))) == distinct_keys
+
+
 def test_pooled_partitions_against_oracle():
     rng = np.random.default_rng(13)
     for sizes in ([3, 6, 12], [2, 5, 9, 15]):
