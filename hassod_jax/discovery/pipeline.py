@@ -335,6 +335,8 @@ def _process_chunk(
     config, items, chunk, extractor, backend, crf_kwargs, thresholds, pool, progress
 ):
     """Decodes, extracts, merges and refines one chunk; returns its JSON record."""
+    import jax
+
     from hassod_jax.discovery import hac
 
     size = config.image_size
@@ -361,6 +363,10 @@ def _process_chunk(
         t1 = time.perf_counter()
         feats = extractor(norm, u8)
         t2 = time.perf_counter()
+        if jax.default_backend() == "cpu":
+            # On CPU HAC runs image by image (host loop), so the padding would be pure waste;
+            # on accelerators the padded batch keeps one compiled shape.
+            feats = feats[: len(batch)]
         parts = hac.hac_partitions(feats, thresholds)[: len(batch)]
         t3 = time.perf_counter()
         progress.add_time("features", t2 - t1)
