@@ -14,6 +14,9 @@
  * joins gone[i] into keep[i] (keep < gone) at similarity sim[i]. Exact ties are broken by the
  * smaller (keep, gone) pair. Float32 sums and dot products, as the jit path.
  *
+ * Memory: the (N, D) sums, neighbour lists (O(edges) in all) and the heap, which is compacted
+ * (stale entries dropped) instead of growing past 8 N entries.
+ *
  * Python API (the GIL is released while merging, so several maps can run in threads):
  *   merge_sequence(features, h, w, d, keep, gone, sim) -> None
  *     features: C-contiguous float32 buffer of h*w*d values (row-major (h, w, D));
@@ -289,4 +292,14 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_hac_native", "Host merge sequence of HASSOD's HAC (see hac.py).",
     -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__hac_native(void) { return PyModule_Create(&module); }
+/* Bumped whenever the Python API above changes; hac.py refuses a stale build. */
+#define HAC_NATIVE_VERSION 1
+
+PyMODINIT_FUNC PyInit__hac_native(void) {
+  PyObject *m = PyModule_Create(&module);
+  if (m && PyModule_AddIntConstant(m, "VERSION", HAC_NATIVE_VERSION)) {
+    Py_DECREF(m);
+    return NULL;
+  }
+  return m;
+}

@@ -48,10 +48,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_NATIVE_VERSION = 1  # must match HAC_NATIVE_VERSION in _hac_native.c
+
+
+def _checked_native(module):
+    """The built extension module, or None (with a warning) when it is a stale build."""
+    version = getattr(module, "VERSION", None)
+    if module is None or version == _NATIVE_VERSION:
+        return module
+    logging.warning(
+        "HAC: %s is a stale build (version %s, expected %s); ignoring it. Rebuild it with "
+        "pip install -e .",
+        getattr(module, "__file__", module),
+        version,
+        _NATIVE_VERSION,
+    )
+    return None
+
+
 try:  # the optional C extension (setup.py); absent when the install had no C compiler
     from hassod_jax.discovery import _hac_native
 except ImportError:  # pragma: no cover - depends on the install
     _hac_native = None
+_hac_native = _checked_native(_hac_native)
 
 # Distinct neighbours handled per chunk of the similarity update (a region with more loops
 # over further chunks). Small on CPU, where unused lanes cost gather bandwidth; large on

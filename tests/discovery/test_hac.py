@@ -202,6 +202,17 @@ def test_without_the_extension_cpu_falls_back_to_xla(monkeypatch, caplog):
         hac.merge_sequence_host(f)
 
 
+def test_stale_extension_build_is_refused(caplog):
+    import types
+
+    stale = types.SimpleNamespace(VERSION=hac._NATIVE_VERSION - 1, __file__="old/_hac_native.so")
+    with caplog.at_level("WARNING"):
+        assert hac._checked_native(stale) is None
+    assert "old/_hac_native.so is a stale build" in caplog.text
+    assert hac._checked_native(hac._hac_native) is hac._hac_native
+    assert hac._checked_native(None) is None
+
+
 def test_host_extension_checks_its_buffers():
     f = np.zeros((3, 4, 2), np.float32)
     keep, gone, sim = np.zeros(11, np.int32), np.zeros(11, np.int32), np.zeros(11, np.float32)
