@@ -40,8 +40,16 @@ setup(
     ],
     extras_require={
         # torch and torchvision are reference oracles only; they must be installed together.
-        "test": ["pytest", "torch>=2.9", "torchvision>=0.24"],
+        # tensorflow-datasets (without TensorFlow) prepares a tiny split for the TFDS-source
+        # test; it imports importlib_resources without declaring it.
+        "test": [
+            "pytest",
+            "torch>=2.9",
+            "torchvision>=0.24",
+            "tensorflow-datasets",
+            "importlib_resources",
+        ],
         "cuda": ["jax[cuda13]"],
-        "tfds": ["tensorflow-datasets"],
+        "tfds": ["tensorflow-datasets", "importlib_resources"],
     },
 )

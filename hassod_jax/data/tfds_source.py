@@ -1,13 +1,14 @@
 """Training records from ArrayRecord files in the TFDS layout, read WITHOUT TensorFlow.
 
-What this is: `tensorflow_datasets` (not installed here; it needs TensorFlow to prepare data)
-writes a prepared split as ArrayRecord shards `{name}-{split}.array_record-NNNNN-of-MMMMM`
-whose records are serialized `tf.train.Example` protos, nested feature names flattened with
-'/'. This module reads such shards with the `array_record` package (installed with grain) and
-decodes `tf.train.Example` with a small protobuf wire-format parser written here, so neither
-TensorFlow nor TFDS is imported. It has been tested on shards written by `write_tfds_detection`
-below (with protos checked against the `protobuf` library), not on a builder run by TFDS
-itself.
+What this is: `tensorflow_datasets` writes a prepared split as ArrayRecord shards
+`{name}-{split}.array_record-NNNNN-of-MMMMM` whose records are serialized `tf.train.Example`
+protos, nested feature names flattened with '/'. This module reads such shards with the
+`array_record` package (installed with grain) and decodes `tf.train.Example` with a small
+protobuf wire-format parser written here, so neither TensorFlow nor TFDS is imported. Tested on
+shards written by `write_tfds_detection` below (protos checked against the `protobuf`
+library) and on a split prepared by TFDS itself from a tiny builder
+(tests/data/test_tfds_builder.py; TFDS prepares without TensorFlow when images are given as
+encoded files).
 
 Feature layout of a detection builder (one record = one image; names as TFDS flattens a
 `FeaturesDict({'image': Image(), 'image/id': int64, 'objects': Sequence({...})})`):
