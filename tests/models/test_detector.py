@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from hassod_jax.models import detector as D  # noqa: E402
 from hassod_jax.models.fpn import FPN  # noqa: E402
-from hassod_jax.models.roi_heads import MaskHead, scale_gradient  # noqa: E402
+from hassod_jax.models.roi_heads import Deconv2x2, MaskHead, scale_gradient  # noqa: E402
 from hassod_jax.models.rpn import RPNHead  # noqa: E402
 
 F = torch.nn.functional
@@ -87,6 +87,37 @@ def test_rpn_and_mask_head_shapes_and_scale_gradient():
     x = jnp.arange(6.0)
     g = jax.grad(lambda x: jnp.sum(scale_gradient(x, 1.0 / 3) ** 2))(x)
     np.testing.assert_allclose(np.asarray(g), 2 * np.arange(6.0) / 3, rtol=1e-6)
+
+
+def test_deconv_matches_torch_conv_transpose():
+    """The mask head's 2x2/2 deconvolution against torch.nn.ConvTranspose2d (detectron2's
+    layer), values and gradients, float64 reference."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 7, 5, 16)).astype(np.float32)  # (B, K, h, w, C)
+    m = Deconv2x2(12)
+    v = m.init(jax.random.PRNGKey(0), x)
+    v = {"params": {"kernel": v["params"]["kernel"], "bias": jnp.asarray(rng.normal(size=12))}}
+    deconv = torch.nn.ConvTranspose2d(16, 12, kernel_size=2, stride=2).double()
+    with torch.no_grad():  # ours (a, b, C, O) -> torch (C, O, a, b)
+        deconv.weight.copy_(_t(v["params"]["kernel"]).permute(2, 3, 0, 1))
+        deconv.bias.copy_(_t(v["params"]["bias"]))
+    xt = _t(x.reshape(6, 7, 5, 16)).permute(0, 3, 1, 2).requires_grad_(True)
+    want = deconv(xt).permute(0, 2, 3, 1).reshape(2, 3, 14, 10, 12)
+    got = m.apply(v, x)
+    assert got.shape == (2, 3, 14, 10, 12)
+    scale = float(want.abs().max())
+    np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), rtol=0, atol=1e-5 * scale)
+    weight = rng.normal(size=want.shape)
+    (want * _t(weight)).sum().backward()
+    gx, gp = jax.grad(lambda x, p: jnp.sum(m.apply(p, x) * weight), argnums=(0, 1))(x, v)
+    want_gx = xt.grad.permute(0, 2, 3, 1).reshape(x.shape).numpy()
+    np.testing.assert_allclose(np.asarray(gx), want_gx, rtol=0, atol=1e-5 * np.abs(want_gx).max())
+    want_gk = deconv.weight.grad.permute(2, 3, 0, 1).numpy()
+    gk = np.asarray(gp["params"]["kernel"])
+    np.testing.assert_allclose(gk, want_gk, rtol=0, atol=1e-5 * np.abs(want_gk).max())
+    np.testing.assert_allclose(
+        np.asarray(gp["params"]["bias"]), deconv.bias.grad.numpy(), rtol=1e-5
+    )
 
 
 CFG = dataclasses.replace(
