@@ -2,6 +2,7 @@
 
     python experiments/profile_detector.py                 # full R50 at 800x1333 (GPU)
     python experiments/profile_detector.py --quick         # small variant, 128x128 (CPU)
+    python experiments/profile_detector.py --quick --r50 --size 320 512 --dtype float32
     python experiments/profile_detector.py --out profile.json
 
 On the current backend, forward+backward (one jitted `value_and_grad`, as
@@ -123,6 +124,8 @@ def roi_align_alone(cfg, dtype, b, hp, wp, k_per_image, size, steps, warmup):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small variant, 128x128 (CPU)")
+    p.add_argument("--r50", action="store_true", help="with --quick: the full R50 config")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--batch-per-device", type=int, default=2)
     p.add_argument("--max-sampling", type=int, default=4, help="adaptive ROIAlign cap")
@@ -135,9 +138,9 @@ def main(argv=None):
 
     from hassod_jax.models.detector import SMALL_CONFIG, DetectorConfig
 
-    base = SMALL_CONFIG if a.quick else DetectorConfig()
+    base = SMALL_CONFIG if a.quick and not a.r50 else DetectorConfig()
     cfg = dataclasses.replace(base, pooler_max_sampling=a.max_sampling)
-    h, w = (128, 128) if a.quick else (800, 1333)
+    h, w = a.size or ((128, 128) if a.quick else (800, 1333))
     hp, wp = -(-h // 32) * 32, -(-w // 32) * 32
     g = 5 if a.quick else 20
     steps = a.steps or (3 if a.quick else 10)
