@@ -4,7 +4,7 @@ from setuptools import Extension, find_packages, setup
 
 # The host (CPU) HAC merge loop, hassod_jax/discovery/_hac_native.c: plain C and the Python C
 # API only. Optional: without a C compiler the install goes on and hac.py falls back to its
-# jit-compiled loop (same results, about 3x slower on CPU).
+# jit-compiled loop (same results, about 4x slower on CPU).
 HAC_NATIVE = Extension(
     "hassod_jax.discovery._hac_native",
     sources=["hassod_jax/discovery/_hac_native.c"],

@@ -33,8 +33,9 @@ on average for a 60x60 map with object-like structure), so a 60x60x768 map gathe
 
 On CPU, `hac_partitions` uses a host loop instead (`merge_sequence_host`, C in
 `_hac_native.c`, built at install): the same merges with a lazy-deletion heap and neighbour
-lists, no O(E) work per merge, about 3x faster than XLA:CPU runs the loop above, and several
-maps run in parallel threads. Both paths are checked against the float64 oracle.
+lists, no O(E) work per merge, about 4x faster than XLA:CPU runs the loop above (68 against
+281 ms for 60x60x768 on 2 cores), and several maps run in parallel threads. Both paths are
+checked against the float64 oracle.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ def _use_host(features, backend: str | None) -> bool:
         _warned_no_native = True
         logging.warning(
             "HAC: the C extension _hac_native is not built; using the XLA loop on CPU "
-            "(same results, about 3x slower). Reinstall with a C compiler to build it."
+            "(same results, about 4x slower). Reinstall with a C compiler to build it."
         )
     return _hac_native is not None
 
