@@ -160,32 +160,9 @@ def _crf_one(
         "capacity_bilateral",
     ),
 )
-def _crf_batch(
-    images,
-    probs,
-    valid,
-    *,
-    sxy_gaussian,
-    compat_gaussian,
-    sxy_bilateral,
-    srgb,
-    compat_bilateral,
-    iterations,
-    capacity_gaussian,
-    capacity_bilateral,
-):
-    one = functools.partial(
-        _crf_one,
-        sxy_gaussian=sxy_gaussian,
-        compat_gaussian=compat_gaussian,
-        sxy_bilateral=sxy_bilateral,
-        srgb=srgb,
-        compat_bilateral=compat_bilateral,
-        iterations=iterations,
-        capacity_gaussian=capacity_gaussian,
-        capacity_bilateral=capacity_bilateral,
-    )
-    return jax.vmap(one)(images, probs, valid)
+def _crf_batch(images, probs, valid, **params):
+    """`_crf_one` vmapped over a batch; `params` are its keyword parameters (all static)."""
+    return jax.vmap(functools.partial(_crf_one, **params))(images, probs, valid)
 
 
 def dense_crf(
