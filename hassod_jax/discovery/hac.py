@@ -281,6 +281,17 @@ def merge_sequence_host(features) -> MergeSequence:
     return MergeSequence(keep, gone, sim)
 
 
+def merge_sequence_host_batch(features) -> MergeSequence:
+    """`merge_sequence_host` over a (B, h, w, D) batch, one thread per CPU core (the C loop
+    releases the GIL): (B, h*w - 1) NumPy arrays."""
+    _check_features(features, (4,))
+    maps = np.asarray(features, dtype=np.float32)
+    workers = max(1, min(len(maps), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        seqs = list(pool.map(merge_sequence_host, maps))
+    return MergeSequence(*map(np.stack, zip(*seqs)))
+
+
 _warned_no_native = False
 
 
@@ -424,18 +435,16 @@ def hac_partitions(features, thresholds, backend: str | None = None) -> list:
       of B such lists.
     """
     _check_features(features, (3, 4))
-    if not bool(jnp.all(jnp.isfinite(jnp.asarray(features)))):
+    # NumPy input is checked where it is (no copy to a device just for the check).
+    xp = np if isinstance(features, np.ndarray) else jnp
+    if not bool(xp.all(xp.isfinite(features))):
         raise ValueError("features: contains NaN or infinite values")
     h, w = features.shape[-3], features.shape[-2]
     if _use_host(features, backend):
-        f = np.asarray(features, dtype=np.float32)
-        maps = f[None] if f.ndim == 3 else f
-        workers = max(1, min(len(maps), os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers) as pool:
-            seqs = list(pool.map(merge_sequence_host, maps))
-        labels = np.asarray(cut_labels(MergeSequence(*map(np.stack, zip(*seqs))), thresholds))
+        maps = features[None] if features.ndim == 3 else features
+        labels = np.asarray(cut_labels(merge_sequence_host_batch(maps), thresholds))
         out = [[labels_to_masks(lab, h, w) for lab in per_image] for per_image in labels]
-        return out[0] if f.ndim == 3 else out
+        return out[0] if features.ndim == 3 else out
     if features.ndim == 4 and _platform(features) == "cpu":
         # On CPU one image at a time is faster than the vmapped loop (same results).
         return [hac_partitions(f, thresholds, backend) for f in features]

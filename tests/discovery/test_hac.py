@@ -49,12 +49,6 @@ def _mask_set(masks) -> set:
     return {np.packbits(m.ravel()).tobytes() + bytes(str(m.shape), "ascii") for m in masks}
 
 
-def _host_sequences(feats: np.ndarray) -> hac.MergeSequence:
-    """(B, h, w, D) -> the host loop's sequences stacked to (B, M) arrays."""
-    seqs = [hac.merge_sequence_host(f) for f in feats.astype(np.float32)]
-    return hac.MergeSequence(*map(np.stack, zip(*seqs)))
-
-
 def _compare(features: np.ndarray, candidates: dict, thresholds, stats):
     """Checks one map's merge sequences and cuts against the oracle; updates stats.
 
@@ -113,7 +107,7 @@ def test_against_oracle_many_maps():
         feats = np.stack([_make(_KINDS[i % len(_KINDS)], h, w, d, rng) for i in range(draws)])
         runs = {
             "xla": hac.merge_sequence_batch(feats.astype(np.float32)),
-            "host": _host_sequences(feats),
+            "host": hac.merge_sequence_host_batch(feats),
         }
         per_run = {}
         for name, seq in runs.items():
