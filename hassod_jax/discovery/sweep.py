@@ -18,6 +18,8 @@ OUTPUT_DIR = "sweep"
 
 
 def _predictions(rows, pick, image_ids=None):
+    # No `hier_level`: evaluate_coco would then also score each level separately, and only
+    # the overall mask metrics are reported here.
     preds = []
     for im, res in rows:
         if image_ids is not None and im["id"] not in image_ids:
@@ -31,7 +33,6 @@ def _predictions(rows, pick, image_ids=None):
                     "bbox": a["bbox"],
                     "area": a["area"],
                     "score": 1.0,
-                    "hier_level": a["hier_level"],
                 }
             )
     return preds
