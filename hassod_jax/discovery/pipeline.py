@@ -112,11 +112,12 @@ class FeatureExtractor:
 
 
 def resolve_crf_backend(name):
-    """'auto' -> 'jax' on an accelerator, 'pydensecrf' on CPU (the faster one there)."""
+    """'auto' -> `crf.default_crf_backend()`: 'jax' on an accelerator, 'pydensecrf' on CPU
+    (the faster one there) when it is installed, else 'jax'."""
     if name == "auto":
-        import jax
+        from hassod_jax.discovery import crf
 
-        return "jax" if jax.default_backend() != "cpu" else "pydensecrf"
+        return crf.default_crf_backend()
     if name not in ("jax", "pydensecrf"):
         raise utils.ConfigError(f"config.crf_backend must be auto, jax or pydensecrf; got {name!r}")
     return name
