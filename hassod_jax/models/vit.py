@@ -29,6 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hassod_jax import parallel
+
 __all__ = [
     "FEATURE_KINDS",
     "OUTPUTS",
@@ -587,7 +589,7 @@ def load_dino_vit(
 # ------------------------------------------------------------------------ features
 def default_mesh() -> Mesh:
     """A 1-D mesh ('batch',) over all local devices."""
-    return Mesh(np.array(jax.local_devices()), ("batch",))
+    return parallel.local_mesh("batch")
 
 
 @functools.lru_cache(maxsize=64)
