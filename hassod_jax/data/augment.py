@@ -20,6 +20,8 @@ Semantics follow detectron2 and CutLER/HASSOD (re-implemented here, not copied):
 import numpy as np
 from PIL import Image
 
+from hassod_jax.data.images import check_rgb_uint8
+
 SHORT_EDGES = (240, 320, 480, 640, 672, 704, 736, 768, 800, 1024)
 MAX_SIZE = 1333
 
@@ -56,7 +58,7 @@ def sample_short_edge(rng, short_edges=SHORT_EDGES):
 
 def resize_image(image, new_h, new_w):
     """(H, W, 3) uint8 -> (new_h, new_w, 3) uint8 with PIL BILINEAR (detectron2's default)."""
-    image = _check_image(image)
+    image = check_rgb_uint8(image, "image")
     if image.shape[:2] == (new_h, new_w):
         return image.copy()
     pil = Image.fromarray(image).resize((int(new_w), int(new_h)), Image.BILINEAR)
@@ -337,10 +339,3 @@ def copy_paste_batch(examples, rngs, **kwargs):
         raise ValueError(f"copy_paste_batch: got {len(rngs)} rngs for {len(examples)} examples")
     sources = examples[::-1]
     return [copy_paste(t, s, r, **kwargs) for t, s, r in zip(examples, sources, rngs)]
-
-
-def _check_image(image):
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image must be a (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
-    return np.ascontiguousarray(image)

@@ -161,7 +161,7 @@ def resize_uint8(img, size=480):
 
     `size` may be an int or a (height, width) pair.
     """
-    img = _check_rgb_uint8(img, "img")
+    img = check_rgb_uint8(img, "img")
     out_h, out_w = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
     pil = Image.fromarray(img)
     if pil.size == (out_w, out_h):
@@ -188,7 +188,8 @@ def resize_for_dino(img, size=480, return_uint8=False):
     return (x, small) if return_uint8 else x
 
 
-def _check_rgb_uint8(img, name):
+def check_rgb_uint8(img, name):
+    """`img` as a C-contiguous (H, W, 3) uint8 array, or a ValueError naming `name`."""
     img = np.asarray(img)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
         raise ValueError(f"{name} must be a (H, W, 3) uint8 array, got {img.dtype} {img.shape}")

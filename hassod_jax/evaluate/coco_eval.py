@@ -88,15 +88,11 @@ def _coco_api(data):
 
 def _prepare_predictions(predictions, gt_data):
     """Validates predictions; returns a list of dicts with compressed-RLE masks (bytes counts)."""
-    from hassod_jax.data.coco import segmentation_to_rle
+    from hassod_jax.data.coco import image_sizes, segmentation_to_rle
 
     if not isinstance(predictions, (list, tuple)):
         raise ValueError(f"predictions must be a list of dicts, got {type(predictions).__name__}")
-    sizes = {
-        im["id"]: (int(im["height"]), int(im["width"]))
-        for im in gt_data["images"]
-        if "height" in im and "width" in im
-    }
+    sizes = image_sizes(gt_data)
     gt_ids = {im["id"] for im in gt_data["images"]}
     unknown = sorted(
         {p.get("image_id") for p in predictions if p.get("image_id") not in gt_ids}, key=str

@@ -158,6 +158,8 @@ def detections_to_coco(
     """
     from pycocotools import mask as mask_utils
 
+    from hassod_jax.data.coco import rle_to_json
+
     valid = np.asarray(detections["valid"], bool)
     boxes, nonempty = rescale_boxes(detections["boxes"], resized_hw, original_hw)
     keep = np.nonzero(valid & nonempty)[0]
@@ -174,17 +176,13 @@ def detections_to_coco(
     out = []
     for j in range(len(keep)):
         x0, y0, x1, y1 = (float(v) for v in boxes[j])
-        counts = rles[j]["counts"]
         out.append(
             {
                 "image_id": image_id,
                 "category_id": int(category_id),
                 "bbox": [x0, y0, x1 - x0, y1 - y0],
                 "score": float(scores[j]),
-                "segmentation": {
-                    "size": [oh, ow],
-                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
-                },
+                "segmentation": rle_to_json(rles[j]),  # size [oh, ow], str counts
                 "hier_level": int(levels[j]),
             }
         )
