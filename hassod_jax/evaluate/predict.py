@@ -278,32 +278,39 @@ def predict(
     fn = predict_fn if predict_fn is not None else make_predict_fn(model)
     # Once on the default device, not once per batch.
     variables = jax.device_put(variables, jax.local_devices()[0])
-    # Load + resize everything first: the padded shape of each image decides its batch.
-    prepared = []  # (resized uint8, original hw, image_id)
-    groups = {}  # padded shape -> list of indices into `prepared`
+    # Images are batched by padded shape. Each shape's pending images run as soon as they fill
+    # a batch (the rest at the end), so at most batch_size images per shape are held, and the
+    # batches are the same as grouping all images first: each shape's in input order.
+    results = []
+    pending = {}  # padded shape -> [(position in results, resized uint8, original hw, id)]
+
+    def run(shape, chunk):
+        hp, wp = shape
+        batch = np.zeros((batch_size, hp, wp, 3), np.uint8)
+        sizes = np.full((batch_size, 2), SIZE_DIVISIBILITY, np.int32)
+        for j, (_, r, _, _) in enumerate(chunk):
+            batch[j, : r.shape[0], : r.shape[1]] = r
+            sizes[j] = r.shape[:2]
+        out = jax.device_get(fn(variables, batch, sizes))
+        for j, (pos, resized, orig_hw, image_id) in enumerate(chunk):
+            one = {k: np.asarray(v[j]) for k, v in out.items()}
+            results[pos] = detections_to_coco(
+                one, image_id, resized.shape[:2], orig_hw, mask_threshold
+            )
+
     for item in images:
         img, image_id = _load(item)
         resized = resize_for_test(img, short_edge, max_size)
         shape = padded_shape(*resized.shape[:2], buckets)
-        groups.setdefault(shape, []).append(len(prepared))
-        prepared.append((resized, img.shape[:2], image_id))
-    results = [None] * len(prepared)
-    for (hp, wp), idx in groups.items():
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s : s + batch_size]
-            batch = np.zeros((batch_size, hp, wp, 3), np.uint8)
-            sizes = np.full((batch_size, 2), SIZE_DIVISIBILITY, np.int32)
-            for j, i in enumerate(chunk):
-                r = prepared[i][0]
-                batch[j, : r.shape[0], : r.shape[1]] = r
-                sizes[j] = r.shape[:2]
-            out = jax.device_get(fn(variables, batch, sizes))
-            for j, i in enumerate(chunk):
-                resized, orig_hw, image_id = prepared[i]
-                one = {k: np.asarray(v[j]) for k, v in out.items()}
-                results[i] = detections_to_coco(
-                    one, image_id, resized.shape[:2], orig_hw, mask_threshold
-                )
+        queue = pending.setdefault(shape, [])
+        queue.append((len(results), resized, img.shape[:2], image_id))
+        results.append(None)
+        if len(queue) == batch_size:
+            run(shape, queue)
+            pending[shape] = []
+    for shape, queue in pending.items():
+        if queue:
+            run(shape, queue)
     return [r for per_image in results for r in per_image]
 
 

@@ -221,6 +221,28 @@ def test_predict_random_model_gives_valid_coco_results(random_model, tmp_path):
     assert {im["id"] for im in load_coco_json(gt_json)["images"]} == {1, 2, 3}
 
 
+def test_predict_mixed_shapes_keep_input_order(random_model):
+    """Images of two padded shapes, interleaved, batch 2: results come back grouped by image
+    in input order, each image's the same as when it runs alone."""
+    model, variables = random_model
+    rng = np.random.default_rng(3)
+    hw = [(72, 100), (100, 72), (72, 100), (100, 72), (72, 100)]
+    images = [
+        (rng.integers(0, 255, (h, w, 3), dtype=np.uint8), 10 + i) for i, (h, w) in enumerate(hw)
+    ]
+    fn = P.make_predict_fn(P._with_detections(model, 5))
+    kw = dict(short_edge=96, max_size=160, detections=5, predict_fn=fn)
+    preds = P.predict(model, variables, images, batch_size=2, **kw)
+    ids = [p["image_id"] for p in preds]
+    assert ids == sorted(ids) and set(ids) == {10, 11, 12, 13, 14}
+    for item in images:
+        alone = P.predict(model, variables, [item], batch_size=1, **kw)
+        mine = [p for p in preds if p["image_id"] == item[1]]
+        assert len(alone) == len(mine)
+        for a, b in zip(alone, mine):
+            np.testing.assert_allclose(a["bbox"], b["bbox"], rtol=1e-4, atol=1e-3)
+
+
 def test_predict_rejects_bad_input(random_model):
     model, variables = random_model
     with pytest.raises(ValueError, match="uint8"):
