@@ -24,19 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hassod_jax.ops.boxes import box_iou
+
 __all__ = ["nms", "batched_nms"]
-
-
-def _pairwise_iou(a, area_a, b, area_b):
-    """(P, 4) x (Q, 4) -> (P, Q) IoU with torchvision's nms arithmetic."""
-    xx1 = jnp.maximum(a[:, None, 0], b[None, :, 0])
-    yy1 = jnp.maximum(a[:, None, 1], b[None, :, 1])
-    xx2 = jnp.minimum(a[:, None, 2], b[None, :, 2])
-    yy2 = jnp.minimum(a[:, None, 3], b[None, :, 3])
-    inter = jnp.maximum(xx2 - xx1, 0.0) * jnp.maximum(yy2 - yy1, 0.0)
-    union = area_b[None, :] + area_a[:, None] - inter
-    # torchvision divides unconditionally; 0/0 = NaN never suppresses, nor does our 0.
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
 
 
 def _check(boxes, scores, max_output, valid_in, idxs=None):
@@ -89,7 +79,6 @@ def _nms_impl(boxes, scores, idxs, iou_threshold, max_output, valid_in, tile_siz
     s_valid = jnp.pad(valid[order], (0, pad))
     s_order = jnp.pad(order, (0, pad))
     s_cls = None if idxs is None else jnp.pad(idxs[order], (0, pad))
-    s_area = (s_boxes[:, 2] - s_boxes[:, 0]) * (s_boxes[:, 3] - s_boxes[:, 1])
 
     m = int(max_output)
     # Strict upper triangle: row j (higher score) may suppress column l > j.
@@ -100,15 +89,14 @@ def _nms_impl(boxes, scores, idxs, iou_threshold, max_output, valid_in, tile_siz
         return (i < n_tiles) & (count < m)
 
     def body(state):
-        i, count, kb, ka, kc, ki = state
+        i, count, kb, kc, ki = state
         start = i * tile
         cur_b = jax.lax.dynamic_slice_in_dim(s_boxes, start, tile)
-        cur_a = jax.lax.dynamic_slice_in_dim(s_area, start, tile)
         cur_v = jax.lax.dynamic_slice_in_dim(s_valid, start, tile)
         cur_o = jax.lax.dynamic_slice_in_dim(s_order, start, tile)
 
         # Suppression by the boxes kept in earlier tiles.
-        iou_prev = _pairwise_iou(cur_b, cur_a, kb, ka)  # (tile, m)
+        iou_prev = box_iou(cur_b, kb)  # (tile, m)
         hit_prev = (iou_prev > iou_threshold) & (jnp.arange(m) < count)[None, :]
         if s_cls is not None:
             cur_c = jax.lax.dynamic_slice_in_dim(s_cls, start, tile)
@@ -116,7 +104,7 @@ def _nms_impl(boxes, scores, idxs, iou_threshold, max_output, valid_in, tile_siz
         init = cur_v & ~jnp.any(hit_prev, axis=1)
 
         # Suppression inside the tile, iterated to the greedy fixed point.
-        iou_self = _pairwise_iou(cur_b, cur_a, cur_b, cur_a)
+        iou_self = box_iou(cur_b, cur_b)
         hit_self = (iou_self > iou_threshold) & earlier
         if s_cls is not None:
             hit_self = hit_self & (cur_c[:, None] == cur_c[None, :])
@@ -135,22 +123,20 @@ def _nms_impl(boxes, scores, idxs, iou_threshold, max_output, valid_in, tile_siz
         pos = count + jnp.cumsum(keep.astype(jnp.int32)) - 1
         dest = jnp.where(keep & (pos < m), pos, m)  # m = out of range -> dropped
         kb = kb.at[dest].set(cur_b, mode="drop")
-        ka = ka.at[dest].set(cur_a, mode="drop")
         ki = ki.at[dest].set(cur_o, mode="drop")
         if s_cls is not None:
             kc = kc.at[dest].set(cur_c, mode="drop")
         count = jnp.minimum(count + jnp.sum(keep.astype(jnp.int32)), m)
-        return i + 1, count, kb, ka, kc, ki
+        return i + 1, count, kb, kc, ki
 
     state = (
         jnp.array(0, jnp.int32),
         jnp.array(0, jnp.int32),
         jnp.zeros((m, 4), jnp.float32),
-        jnp.zeros((m,), jnp.float32),
         jnp.zeros((m,), jnp.int32),
         jnp.zeros((m,), jnp.int32),
     )
-    _, count, _, _, _, kept_idx = jax.lax.while_loop(cond, body, state)
+    _, count, _, _, kept_idx = jax.lax.while_loop(cond, body, state)
     out_valid = jnp.arange(m) < count
     return jnp.where(out_valid, kept_idx, 0), out_valid
 
