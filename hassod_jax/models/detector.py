@@ -22,10 +22,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hassod_jax import ops
-from hassod_jax.models.fpn import FPN
+from hassod_jax.models.fpn import FPN, FPN_STRIDES
 from hassod_jax.models.resnet import RESNET50, RESNET_SMALL, ResNet, ResNetConfig
 from hassod_jax.models.roi_heads import (
     BoxHead,
@@ -118,9 +117,9 @@ SMALL_CONFIG = DetectorConfig(
 )
 
 _BOX_LEVELS = ("p2", "p3", "p4", "p5")
-_BOX_STRIDES = (4, 8, 16, 32)
+_BOX_STRIDES = tuple(FPN_STRIDES[k] for k in _BOX_LEVELS)
 _RPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")
-_RPN_STRIDES = (4, 8, 16, 32, 64)
+_RPN_STRIDES = tuple(FPN_STRIDES[k] for k in _RPN_LEVELS)
 
 
 def _take(x, idx):
@@ -187,7 +186,6 @@ class CascadeMaskRCNN(nn.Module):
             [(s,) for s in cfg.anchor_sizes],
             cfg.aspect_ratios,
         )
-        anchors = [jnp.asarray(a) for a in anchors]
         pre = cfg.rpn_pre_nms_topk_train if train else cfg.rpn_pre_nms_topk_test
         post = cfg.rpn_post_nms_topk_train if train else cfg.rpn_post_nms_topk_test
         total = sum(min(pre, a.shape[0]) for a in anchors)
@@ -408,7 +406,3 @@ def paste_detection_masks(detections: dict, height: int, width: int, threshold: 
         detections["masks"], detections["boxes"]
     )
     return masks & detections["valid"][..., None, None]
-
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

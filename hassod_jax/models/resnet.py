@@ -372,7 +372,3 @@ def load_resnet50(
     sd = read_state_dict(path)
     variables = resnet_variables_from_state_dict(sd, config, source=path)
     return ResNet(config, dtype=dtype), variables
-
-
-def stage_strides() -> dict[str, int]:
-    return {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
