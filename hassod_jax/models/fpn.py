@@ -15,9 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from hassod_jax.models.resnet import BN_EPS, BN_MOMENTUM
-
-c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+from hassod_jax.models.resnet import batch_norm, c2_xavier_fill
 
 FPN_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 
@@ -44,14 +42,7 @@ class ConvNorm(nn.Module):
             name="conv",
         )(x)
         if self.use_norm:
-            x = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=BN_MOMENTUM,
-                epsilon=BN_EPS,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name="norm",
-            )(x)
+            x = batch_norm(train, "norm", self.dtype)(x)
         return x
 
 

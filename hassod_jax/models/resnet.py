@@ -29,8 +29,10 @@ import numpy as np
 BN_MOMENTUM = 0.9  # flax convention; = torch BatchNorm momentum 0.1
 BN_EPS = 1e-5
 
-# Detectron2's c2_msra_fill / torchvision's kaiming_normal_(mode="fan_out", relu).
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Detectron2's weight initialisers (fvcore/nn/weight_init.py), shared by every model family:
+# c2_msra_fill = kaiming_normal_(mode="fan_out", relu); c2_xavier_fill = kaiming_uniform_(a=1).
+c2_msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,8 @@ RESNET50 = ResNetConfig()
 RESNET_SMALL = ResNetConfig(block="basic", stage_sizes=(1, 1, 1, 1), width=16)
 
 
-def _bn(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
+def batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
+    """BatchNorm as torch's defaults (momentum 0.1, eps 1e-5), float32 parameters."""
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
@@ -76,7 +79,7 @@ def _conv(features: int, k: int, stride: int, name: str, dtype: Any) -> nn.Conv:
         strides=(stride, stride),
         padding=((p, p), (p, p)),
         use_bias=False,
-        kernel_init=_conv_init,
+        kernel_init=c2_msra_fill,
         dtype=dtype,
         param_dtype=jnp.float32,
         name=name,
@@ -94,11 +97,13 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         d = self.dtype
-        y = nn.relu(_bn(train, "norm1", d)(_conv(self.inner, 1, 1, "conv1", d)(x)))
-        y = nn.relu(_bn(train, "norm2", d)(_conv(self.inner, 3, self.stride, "conv2", d)(y)))
-        y = _bn(train, "norm3", d)(_conv(self.out, 1, 1, "conv3", d)(y))
+        y = nn.relu(batch_norm(train, "norm1", d)(_conv(self.inner, 1, 1, "conv1", d)(x)))
+        y = nn.relu(batch_norm(train, "norm2", d)(_conv(self.inner, 3, self.stride, "conv2", d)(y)))
+        y = batch_norm(train, "norm3", d)(_conv(self.out, 1, 1, "conv3", d)(y))
         if x.shape[-1] != self.out or self.stride != 1:
-            x = _bn(train, "shortcut_norm", d)(_conv(self.out, 1, self.stride, "shortcut", d)(x))
+            x = batch_norm(train, "shortcut_norm", d)(
+                _conv(self.out, 1, self.stride, "shortcut", d)(x)
+            )
         return nn.relu(x + y)
 
 
@@ -113,10 +118,12 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         d = self.dtype
-        y = nn.relu(_bn(train, "norm1", d)(_conv(self.out, 3, self.stride, "conv1", d)(x)))
-        y = _bn(train, "norm2", d)(_conv(self.out, 3, 1, "conv2", d)(y))
+        y = nn.relu(batch_norm(train, "norm1", d)(_conv(self.out, 3, self.stride, "conv1", d)(x)))
+        y = batch_norm(train, "norm2", d)(_conv(self.out, 3, 1, "conv2", d)(y))
         if x.shape[-1] != self.out or self.stride != 1:
-            x = _bn(train, "shortcut_norm", d)(_conv(self.out, 1, self.stride, "shortcut", d)(x))
+            x = batch_norm(train, "shortcut_norm", d)(
+                _conv(self.out, 1, self.stride, "shortcut", d)(x)
+            )
         return nn.relu(x + y)
 
 
@@ -140,18 +147,8 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet expects images (B, H, W, 3) NHWC, got {images.shape}")
         d = self.dtype
         x = images.astype(d)
-        x = nn.Conv(
-            cfg.width,
-            (7, 7),
-            strides=(2, 2),
-            padding=((3, 3), (3, 3)),
-            use_bias=False,
-            kernel_init=_conv_init,
-            dtype=d,
-            param_dtype=jnp.float32,
-            name="stem_conv1",
-        )(x)
-        x = nn.relu(_bn(train, "stem_norm", d)(x))
+        x = _conv(cfg.width, 7, 2, "stem_conv1", d)(x)
+        x = nn.relu(batch_norm(train, "stem_norm", d)(x))
         # reduce_window pads with -inf, like torch's max_pool2d(kernel 3, stride 2, padding 1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         outputs = {}

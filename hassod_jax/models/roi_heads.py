@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from hassod_jax import ops
-
-c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-c2_msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from hassod_jax.models.resnet import c2_msra_fill, c2_xavier_fill
 
 
 @jax.custom_vjp
