@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from hassod_jax import ops
+from hassod_jax.data.loader import PIXEL_MEAN, PIXEL_STD  # RGB, 0-255 scale
 from hassod_jax.models.fpn import FPN, FPN_STRIDES
 from hassod_jax.models.resnet import RESNET50, RESNET_SMALL, ResNet, ResNetConfig
 from hassod_jax.models.roi_heads import (
@@ -35,9 +36,6 @@ from hassod_jax.models.roi_heads import (
 )
 from hassod_jax.models.rpn import RPNHead, find_top_proposals, rpn_targets
 from hassod_jax.train import losses as L
-
-PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 scale
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def normalize_images(images):
