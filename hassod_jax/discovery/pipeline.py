@@ -196,15 +196,23 @@ def postprocess_image(job):
         )
         per_threshold.append(anns)
 
-    def with_levels(anns):
+    def decode(anns):
+        if not anns:
+            return np.zeros((0, job["height"], job["width"]), bool)
+        return mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
+
+    def with_levels(anns, masks):
         if not anns:
             return []
-        masks = mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
         levels, _ = hierarchy.hierarchy_levels(masks, coverage=job["coverage"])
         return [dict(a, hier_level=int(lv)) for a, lv in zip(anns, levels)]
 
-    ensemble = with_levels([a for anns in per_threshold for a in anns])
-    per_threshold = [with_levels(anns) for anns in per_threshold]
+    # Each threshold's masks are decoded once and serve its own tree and the ensemble's.
+    masks = [decode(anns) for anns in per_threshold]
+    ensemble = with_levels(
+        [a for anns in per_threshold for a in anns], np.concatenate(masks, axis=0)
+    )
+    per_threshold = [with_levels(anns, m) for anns, m in zip(per_threshold, masks)]
     return {
         "per_threshold": per_threshold,
         "ensemble": ensemble,
