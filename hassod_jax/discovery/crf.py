@@ -322,7 +322,12 @@ def dense_crf_pydensecrf(
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
     d.addPairwiseGaussian(sxy=sxy_gaussian, compat=compat_gaussian)
     d.addPairwiseBilateral(
-        sxy=sxy_bilateral, srgb=srgb, rgbim=np.ascontiguousarray(image), compat=compat_bilateral
+        sxy=sxy_bilateral,
+        srgb=srgb,
+        # pydensecrf takes a writable buffer (a read-only one, e.g. np.asarray of a PIL image,
+        # raises "buffer source array is read-only"); it does not write to it.
+        rgbim=np.ascontiguousarray(image) if image.flags.writeable else np.array(image, order="C"),
+        compat=compat_bilateral,
     )
     q = d.inference(iterations)
     return np.array(q, dtype=np.float32).reshape(r, h, w)

@@ -172,6 +172,20 @@ def test_capacity_overflow_falls_back():
     assert default_bilateral_capacity(480, 480) == 480 * 480 * 6 // 8
 
 
+def test_pydensecrf_backend_takes_read_only_images():
+    """np.asarray of a PIL image is read-only; pydensecrf itself refuses such a buffer."""
+    from hassod_jax.discovery.crf import dense_crf_pydensecrf
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    probs = rng.dirichlet(np.ones(3), size=(20, 24)).transpose(2, 0, 1).astype(np.float32)
+    frozen = image.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(
+        dense_crf_pydensecrf(frozen, probs), dense_crf_pydensecrf(image, probs)
+    )
+
+
 def test_backends_and_errors():
     assert crf_backends() == ("jax", "pydensecrf")
     assert get_crf_fn("jax") is dense_crf
