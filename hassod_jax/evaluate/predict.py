@@ -315,14 +315,18 @@ def predict(
 
 
 def images_from_coco(coco_json, image_dir, max_images=-1):
-    """[(path, image_id)] of a COCO JSON's images (in file order), for `predict`."""
+    """[(path, image_id)] of a COCO JSON's images (in file order), for `predict`.
+
+    coco_json: the file, or its already loaded dict (`data.coco.load_coco_json`).
+    """
     from hassod_jax.data.coco import load_coco_json
 
-    data = load_coco_json(coco_json)
+    data = coco_json if isinstance(coco_json, dict) else load_coco_json(coco_json)
+    source = "COCO dict" if isinstance(coco_json, dict) else coco_json
     out = []
     for i, img in enumerate(data["images"]):
         if "file_name" not in img:
-            raise ValueError(f"{coco_json}: images[{i}] (id {img.get('id')}) has no 'file_name'")
+            raise ValueError(f"{source}: images[{i}] (id {img.get('id')}) has no 'file_name'")
         out.append((os.path.join(str(image_dir), img["file_name"]), img["id"]))
     return out if max_images is None or max_images < 0 else out[:max_images]
 

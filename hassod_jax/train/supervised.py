@@ -208,15 +208,15 @@ def evaluate_state(config, model, state, predict_fn=None):
     val/level_accuracy (-1 when no detection is foreground), val/num_predictions, val/seconds.
     """
     from hassod_jax.data import loader
+    from hassod_jax.data.coco import load_coco_json
     from hassod_jax.evaluate import coco_eval, predict
 
     t0 = time.perf_counter()
     # A host copy: the replicated global arrays may span other processes' devices, while
     # inference runs on this process's default device only.
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    images = predict.images_from_coco(
-        config.val_json, config.val_images, config.get("val_max_images", -1)
-    )
+    val = load_coco_json(config.val_json)  # read once: image list and ground truth
+    images = predict.images_from_coco(val, config.val_images, config.get("val_max_images", -1))
     buckets = tuple(tuple(b) for b in config.data.buckets) or loader.DEFAULT_BUCKETS
     preds = predict.predict(
         model,
@@ -229,7 +229,7 @@ def evaluate_state(config, model, state, predict_fn=None):
         predict_fn=predict_fn,
     )
     ids = {image_id for _, image_id in images}
-    gt = _subset_gt(config.val_json, ids)
+    gt = _subset_gt(val, ids)
     metrics = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"), max_dets=(1, 10, 100))
     out = {}
     for t in ("bbox", "segm"):
@@ -242,11 +242,8 @@ def evaluate_state(config, model, state, predict_fn=None):
     return out
 
 
-def _subset_gt(val_json, image_ids):
-    """The ground truth restricted to the evaluated images (val_max_images)."""
-    from hassod_jax.data.coco import load_coco_json
-
-    data = load_coco_json(val_json)
+def _subset_gt(data, image_ids):
+    """The ground truth (a loaded COCO dict) restricted to the evaluated images."""
     if len(image_ids) == len(data["images"]):
         return data
     return {
