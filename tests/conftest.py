@@ -2,11 +2,59 @@
 
 Eight host devices are forced before JAX is imported anywhere, so that sharding tests
 can compare a mesh of 8 CPU devices with a single device in the same process.
+
+Under CI (environment variable CI=true, as GitHub Actions and most CI services set it) a
+skipped test is a failure: a missing test dependency (`pytest.importorskip`), a missing
+device or any other `pytest.skip` would otherwise let a regression pass as a skip. Both
+skipped tests and skipped modules (a module-level `importorskip`) are turned into failures
+whose message gives the skip reason. Expected failures (`xfail`) are left alone.
 """
 
 import os
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def skips_fail() -> bool:
+    """True when skips must fail: the environment variable CI is set to a true value."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _skip_reason(longrepr) -> str:
+    # A skip's longrepr is (path, lineno, reason); anything else is shown as it is.
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        path, lineno, reason = longrepr
+        reason = str(reason).removeprefix("Skipped: ")
+        return f"{reason} ({path}:{lineno})"
+    return str(longrepr)
+
+
+def _ci_message(what: str, longrepr) -> str:
+    return (
+        f"{what} was skipped under CI=true: {_skip_reason(longrepr)}. Every test must run in "
+        "CI: install the missing test dependency (or provide what the test needs), or unset CI "
+        "to allow skips locally."
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if skips_fail() and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = _ci_message(f"test {item.nodeid}", report.longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if skips_fail() and report.outcome == "skipped":
+        report.outcome = "failed"
+        report.longrepr = _ci_message(f"module {collector.nodeid}", report.longrepr)

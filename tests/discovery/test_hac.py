@@ -277,3 +277,56 @@ def test_bad_input():
         hac.hac_partitions(np.zeros((3, 4, 2), np.float32), [[0.1, 0.2]])
     with pytest.raises(ValueError, match="thresholds"):
         hac.hac_partitions(np.zeros((3, 4, 2), np.float32), [float("nan")])
+
+
+def _exact_maps():
+    """Maps whose merge similarities are exact in float32 (unit vectors with entries ±0.5 or
+    ±1, norms powers of two), so a threshold can sit exactly on a merge similarity.
+
+    name -> (features (h, w, D), merge similarities in order, {θ: number of regions}).
+    """
+    a = [1.0, 1.0, 1.0, 1.0]  # direction (.5, .5, .5, .5)
+    c = [1.0, 1.0, 1.0, -1.0]  # cos(a, c) = 0.5; cos(a + a, c) = 0.5
+    o = [1.0, 1.0, -1.0, -1.0]  # cos(a, o) = 0
+    up = np.nextafter(0.5, 1.0)  # the float64 just above 0.5: rounds to a float32 above 0.5
+    return {
+        # §1.2: θ <= -1 merges everything, even exactly opposite features (cos = -1).
+        "opposite_2x1": (
+            np.array([[[1.0, 0.0]], [[-1.0, 0.0]]]),
+            [-1.0],
+            {-1.0: 1, -3.0: 1, -0.999: 2, np.nextafter(-1.0, 0.0): 2, 0.0: 2},
+        ),
+        "opposite_1x2": (np.array([[[0.0, 2.0], [0.0, -3.0]]]), [-1.0], {-1.0: 1, -0.5: 2}),
+        "orthogonal_1x2": (np.array([[a, o]]), [0.0], {0.0: 1, -1e-9: 1, 1e-9: 2, 0.4: 2}),
+        "half_1x3": (
+            np.array([[a, a, c]]),
+            [1.0, 0.5],
+            {0.5: 1, 0.4: 1, up: 2, 0.75: 2, 1.0: 2, 1.0 + 1e-6: 3, 1.5: 3, -1.0: 1},
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_exact_maps()))
+def test_cut_keeps_a_merge_exactly_at_the_threshold(name):
+    """The cut for θ keeps a merge of similarity exactly θ (`sim >= θ`), for both merge loops
+    and for hac_partitions with either backend; the float64 oracle agrees."""
+    features, sims, want = _exact_maps()[name]
+    h, w, _ = features.shape
+    thresholds = list(want)
+    merges, _ = reference_merge_sequence(features)
+    assert [s for _, _, s in merges] == sims  # the premise: the similarities are exact
+    for theta, n_regions in want.items():
+        assert len(reference_masks(merges, h, w, reference_cut(merges, h * w, theta))) == n_regions
+    f32 = features.astype(np.float32)
+    for loop, seq in [("xla", hac.merge_sequence(f32)), ("host", hac.merge_sequence_host(f32))]:
+        np.testing.assert_array_equal(np.asarray(seq.sim), np.float32(sims), err_msg=loop)
+        labels = np.asarray(hac.cut_labels(seq, thresholds))
+        got = [len(np.unique(lab)) for lab in labels]
+        assert got == list(want.values()), (loop, dict(zip(thresholds, got)))
+    batch = hac.cut_labels(hac.merge_sequence_batch(f32[None]), thresholds)
+    assert [len(np.unique(lab)) for lab in np.asarray(batch)[0]] == list(want.values())
+    for backend in ("xla", "host"):
+        parts = hac.hac_partitions(f32, thresholds, backend=backend)
+        assert [len(m) for m in parts] == list(want.values()), (backend, thresholds)
+        for masks in parts:
+            np.testing.assert_array_equal(masks.sum(0), np.ones((h, w)))
