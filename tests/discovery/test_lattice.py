@@ -13,14 +13,19 @@ import pytest
 
 from hassod_jax.discovery.lattice import build_lattice, lattice_filter
 
-dcrf = pytest.importorskip("pydensecrf.densecrf")
+
+@pytest.fixture
+def dcrf():
+    """pydensecrf, for the tests that compare with it (the others need no pydensecrf)."""
+    return pytest.importorskip("pydensecrf.densecrf")
+
 
 # Always jitted: op-by-op dispatch of the lattice build is far slower than compiling it.
 _build = jax.jit(build_lattice, static_argnums=(1, 2))
 _filter = jax.jit(lattice_filter)
 
 
-def _pydensecrf_filter(feat_dn, signal, w=0.05):
+def _pydensecrf_filter(dcrf, feat_dn, signal, w=0.05):
     """K(signal) as pydensecrf's lattice computes it; feat_dn (d, N) float32, signal in (0,1)."""
     n = feat_dn.shape[1]
 
@@ -64,11 +69,11 @@ def _features(kind, rng):
 
 
 @pytest.mark.parametrize("kind", ["position", "bilateral"])
-def test_filter_matches_pydensecrf(kind):
+def test_filter_matches_pydensecrf(kind, dcrf):
     rng = np.random.default_rng(0 if kind == "position" else 1)
     f, bounds = _features(kind, rng)
     signal = rng.uniform(0.1, 0.9, f.shape[0])
-    ref, a0, ref1 = _pydensecrf_filter(np.ascontiguousarray(f.T), signal)
+    ref, a0, ref1 = _pydensecrf_filter(dcrf, np.ascontiguousarray(f.T), signal)
     lat = _build(jnp.asarray(f), bounds, None)
     assert not bool(lat.overflow)
     x = np.stack([a0, np.ones_like(a0)], 1).astype(np.float32)
