@@ -62,7 +62,6 @@ def test_torchvision_pth_matches(tmp_path, torch_resnet50):
     # DINO checkpoints may be wrapped and prefixed.
     sd = {"module." + k: v for k, v in model.state_dict().items()}
     torch.save({"teacher": sd}, path)
-    pytest.importorskip("hassod_jax.weights.torch_reader")
     module, variables = resnet.load_resnet50(path)
     _check(jax.jit(lambda v, im: module.apply(v, im, train=False))(variables, x), ref)
 
@@ -80,7 +79,6 @@ def test_d2_pkl_matches(tmp_path, torch_resnet50):
     path = tmp_path / "dino_RN50_pretrain_d2_format.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": _d2_state_dict(model.state_dict()), "__author__": "test"}, f)
-    pytest.importorskip("hassod_jax.weights.torch_reader")
     module, variables = resnet.load_resnet50(path)
     _check(jax.jit(lambda v, im: module.apply(v, im, train=False))(variables, x), ref)
     # The d2 dict directly (no file) converts the same way.
