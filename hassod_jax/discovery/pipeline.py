@@ -66,20 +66,10 @@ class FeatureExtractor:
     """Maps a batch of normalised 480x480 images to (B, h, w, D) float32 patch features."""
 
     def __init__(self, config):
+        check_backbone(config)
         self.kind = config.backbone
         if self.kind == "dino":
             path = config.dino_checkpoint
-            if not path:
-                raise utils.ConfigError(
-                    "backbone='dino' needs the DINO ViT checkpoint: set "
-                    "--config.dino_checkpoint=/path/to/dino_vitbase8_pretrain.pth "
-                    "(or --config.backbone=standin for the weight-free demo stand-in)"
-                )
-            if not os.path.exists(path):
-                raise FileNotFoundError(
-                    f"DINO checkpoint not found: {path}. Download dino_vitbase8_pretrain.pth from "
-                    "the official DINO release and set --config.dino_checkpoint to its path."
-                )
             import jax.numpy as jnp
 
             from hassod_jax.models import vit
@@ -89,15 +79,11 @@ class FeatureExtractor:
             self.patch = module.patch_size
             self._features = vit.make_feature_fn(module, params, kind=config.feature_kind)
             self.description = f"DINO ViT from {path} ({config.feature_kind}, {config.dtype})"
-        elif self.kind == "standin":
+        else:
             self.patch = 8
             self.description = (
                 "stand-in backbone (per-patch colour and texture statistics, no weights); "
                 "set --config.dino_checkpoint for real DINO features"
-            )
-        else:
-            raise utils.ConfigError(
-                f"config.backbone must be 'dino' or 'standin', got {self.kind!r}"
             )
 
     def __call__(self, normalized, uint8_images):
@@ -109,6 +95,60 @@ class FeatureExtractor:
         size = uint8_images.shape[1]
         grid = (size // self.patch, size // self.patch)
         return np.stack([standin.standin_features(im, grid=grid) for im in uint8_images])
+
+
+def check_backbone(config):
+    """Raises ConfigError (FileNotFoundError for a missing checkpoint file) for a backbone that
+    cannot be built, naming the flag."""
+    if config.backbone not in ("dino", "standin"):
+        raise utils.ConfigError(
+            f"config.backbone must be 'dino' or 'standin', got {config.backbone!r}: set "
+            "--config.backbone=dino (with --config.dino_checkpoint) or --config.backbone=standin"
+        )
+    if config.backbone == "dino":
+        path = config.dino_checkpoint
+        if not path:
+            raise utils.ConfigError(
+                "backbone='dino' needs the DINO ViT checkpoint: set "
+                "--config.dino_checkpoint=/path/to/dino_vitbase8_pretrain.pth "
+                "(or --config.backbone=standin for the weight-free demo stand-in)"
+            )
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"DINO checkpoint not found: {path}. Download dino_vitbase8_pretrain.pth from "
+                "the official DINO release and set --config.dino_checkpoint to its path."
+            )
+
+
+def check_thresholds(thresholds):
+    """config.thresholds -> list of floats; ConfigError when empty or not finite numbers."""
+    try:
+        values = [float(t) for t in thresholds]
+    except (TypeError, ValueError):
+        values = None
+    if values is None or not all(np.isfinite(values)):
+        raise utils.ConfigError(
+            f"config.thresholds must be finite numbers, got {thresholds!r}: set e.g. "
+            "--config.thresholds='(0.4,0.2,0.1)'"
+        )
+    if not values:
+        raise utils.ConfigError(
+            "config.thresholds is empty: give at least one HAC threshold, e.g. "
+            "--config.thresholds='(0.4,0.2,0.1)'"
+        )
+    return values
+
+
+def check_config(config):
+    """Checks the settings a run needs before it writes anything (in particular the resume
+    record), so that a rerun with a corrected flag in the same --workdir just runs."""
+    check_backbone(config)
+    resolve_crf_backend(config.crf_backend)
+    check_thresholds(config.thresholds)
+    for name in ("image_size", "batch_size", "chunk_size"):
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise utils.ConfigError(f"config.{name} must be a positive integer, got {value!r}")
 
 
 def resolve_crf_backend(name):
@@ -282,9 +322,7 @@ def _jsonable(v):
 
 def process_shard(config, out_dir, items, shard, num_shards):
     """Discovers pseudo-labels for slice `shard` of `items`, chunk by chunk, resumably."""
-    thresholds = [float(t) for t in config.thresholds]
-    if not thresholds:
-        raise utils.ConfigError("config.thresholds is empty: give at least one HAC threshold")
+    thresholds = check_thresholds(config.thresholds)
     indices = list(range(shard, len(items), num_shards))
     shard_dir = _shard_dir(out_dir, shard, num_shards)
     os.makedirs(shard_dir, exist_ok=True)
@@ -477,12 +515,13 @@ def _read_shards(out_dir):
         raise FileNotFoundError(
             f"No discovery shards under {out_dir}/work: run mode=discover first"
         )
-    counts = {os.path.basename(d).split("_of_")[1] for d in shard_dirs}
+    counts = {int(os.path.basename(d).split("_of_")[1]) for d in shard_dirs}
     if len(counts) != 1:
         raise ValueError(
-            f"{out_dir}/work mixes shard counts {sorted(counts)}; use one sharding per workdir"
+            f"{out_dir}/work mixes shards of runs split {sorted(counts)} ways (other "
+            "--config.num_jobs or process counts); use one sharding per --workdir"
         )
-    total = int(counts.pop())
+    total = counts.pop()
     missing = [
         s
         for s in range(total)
@@ -490,8 +529,8 @@ def _read_shards(out_dir):
     ]
     if missing:
         raise RuntimeError(
-            f"Shards {missing} of {total} under {out_dir}/work are not finished; "
-            "run (or resume) those jobs, then merge again"
+            f"Shards {missing} of {total} under {out_dir}/work are not finished; run (or resume) "
+            "those jobs (--config.job_index of --config.num_jobs), then merge again"
         )
     records = []
     for s in range(total):
@@ -565,6 +604,7 @@ def discover(config, workdir, out_name=OUTPUT_DIR):
     parallel.maybe_initialize_distributed()
     out_dir = os.path.join(workdir, out_name)
     items = _list_images(config)
+    check_config(config)
     logging.info("%d images listed from %s", len(items), config.images)
     shard, num_shards = parallel.shard_index(config.job_index, config.num_jobs)
     if jax.process_index() == 0:
@@ -577,7 +617,8 @@ def discover(config, workdir, out_name=OUTPUT_DIR):
     if num_shards == 1 or (config.num_jobs == 1 and jax.process_index() == 0):
         return {**assemble(out_dir, config.thresholds), "timing": timing}
     logging.info(
-        "Shard %d of %d done; when every job has finished run mode=merge_pseudo_labels on %s",
+        "Shard %d of %d done; when every job has finished, merge them: the same command with "
+        "--config.mode=merge_pseudo_labels on --workdir %s",
         shard,
         num_shards,
         workdir,
@@ -590,9 +631,48 @@ def run(config, workdir):
     discover(config, workdir)
 
 
+def merge_thresholds(out_dir, config):
+    """The thresholds to assemble `out_dir` with: config.thresholds, which must be those the
+    shards were discovered with (the resume record holds them)."""
+    thresholds = check_thresholds(config.thresholds)
+    path = os.path.join(out_dir, "work", "config.json")
+    if os.path.exists(path):
+        recorded = utils.read_json(path, "resume record").get("thresholds")
+        if recorded is not None and [float(t) for t in recorded] != thresholds:
+            flag = repr(tuple(float(t) for t in recorded)).replace(" ", "")
+            raise utils.ConfigError(
+                f"{out_dir} was discovered with thresholds {flag}, not {tuple(thresholds)}: merge "
+                f"with --config.thresholds='{flag}'"
+            )
+    return thresholds
+
+
 def run_merge(config, workdir):
-    """mode=merge_pseudo_labels: joins finished shards into the final files."""
-    assemble(os.path.join(workdir, OUTPUT_DIR), config.thresholds)
+    """mode=merge_pseudo_labels: joins the finished shards of independent jobs (num_jobs > 1)
+    into the final files, for W/pseudo_labels (mode=discover) and W/sweep (mode=sweep, then
+    also sweep.json; with AR/AP when the config has gt_json, as the sweep's own config run with
+    --config.mode=merge_pseudo_labels has), whichever holds shards.
+
+    Returns {output folder name: assemble's result}.
+    """
+    from hassod_jax.discovery import sweep
+
+    merged = {}
+    for name in (OUTPUT_DIR, sweep.OUTPUT_DIR):
+        out_dir = os.path.join(workdir, name)
+        if not os.path.isdir(os.path.join(out_dir, "work")):
+            continue
+        thresholds = merge_thresholds(out_dir, config)
+        merged[name] = assemble(out_dir, thresholds)
+        if name == sweep.OUTPUT_DIR:
+            sweep.write_report(config, workdir, merged[name]["rows"], thresholds)
+    if not merged:
+        raise FileNotFoundError(
+            f"No discovery shards under {os.path.join(workdir, OUTPUT_DIR, 'work')} or "
+            f"{os.path.join(workdir, sweep.OUTPUT_DIR, 'work')}: run mode=discover (or "
+            "mode=sweep) with this --workdir first"
+        )
+    return merged
 
 
 def run_sweep(config, workdir):

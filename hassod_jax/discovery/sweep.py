@@ -80,14 +80,24 @@ def evaluate_thresholds(rows, thresholds, gt_json, ensemble_thresholds=()):
 
 def run(config, workdir):
     result = pipeline.discover(config, workdir, out_name=OUTPUT_DIR)
-    if result is None:  # a shard of a multi-job sweep: the merge step evaluates
+    if result is None:  # a shard of a multi-job sweep: mode=merge_pseudo_labels reports
         return None
-    rows = result["rows"]
-    report = {"thresholds": list(config.thresholds), "images": len(rows)}
-    report["statistics"] = threshold_statistics(rows, config.thresholds)
-    if config.gt_json:
+    return write_report(config, workdir, result["rows"], config.thresholds)
+
+
+def write_report(config, workdir, rows, thresholds):
+    """Writes `W/sweep/sweep.json` for assembled rows and logs its table; returns the report.
+
+    AR/AP are computed when `config` has a `gt_json` (the sweep config does; the discovery
+    config used by configs/merge_pseudo_labels.py has none).
+    """
+    thresholds = [float(t) for t in thresholds]
+    report = {"thresholds": thresholds, "images": len(rows)}
+    report["statistics"] = threshold_statistics(rows, thresholds)
+    gt_json = config.get("gt_json", "")
+    if gt_json:
         report["segm"] = evaluate_thresholds(
-            rows, config.thresholds, config.gt_json, config.ensemble_thresholds
+            rows, thresholds, gt_json, config.get("ensemble_thresholds", ())
         )
     out = os.path.join(workdir, OUTPUT_DIR, "sweep.json")
     utils.atomic_write_json(out, report, indent=1)

@@ -289,11 +289,38 @@ def test_jax_crf_backend_batches_pairs_and_agrees_with_pydensecrf(baseline, tmp_
     assert np.all(np.diag(np.asarray(ious)) >= 0.98)
 
 
+def _cocoeval_segm(gt_json, preds):
+    """Independent class-agnostic mask AP and AR@100: pycocotools COCOeval, useCats=0."""
+    import contextlib
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_json))
+        e = COCOeval(gt, gt.loadRes(preds), "segm")
+        e.params.useCats = 0
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return {"AP": float(e.stats[0]), "AR@100": float(e.stats[8])}
+
+
+def _as_results(anns):
+    return [
+        {"image_id": a["image_id"], "category_id": 1, "segmentation": a["segmentation"]}
+        | {"score": 1.0}
+        for a in anns
+    ]
+
+
 def test_sweep_reports_statistics_and_ar_per_threshold(tmp_path):
+    """Per-threshold statistics and AR/AP of the sweep equal what each threshold's own output
+    file gives: region and mask counts recounted, AR/AP by pycocotools COCOeval directly."""
     from hassod_jax.data import synthetic
     from hassod_jax.discovery import sweep
 
-    image_dir, gt_json = synthetic.write_synthetic_dataset(str(tmp_path / "data"), 2, 0, (96, 128))
+    image_dir, gt_json = synthetic.write_synthetic_dataset(str(tmp_path / "data"), 3, 0, (96, 128))
     c = defaults.sweep()
     c.images, c.gt_json = image_dir, gt_json
     c.thresholds = (0.1, 0.2, 0.3, 0.4)
@@ -302,11 +329,33 @@ def test_sweep_reports_statistics_and_ar_per_threshold(tmp_path):
     report = sweep.run(c, str(tmp_path / "w"))
     saved = _load(tmp_path / "w" / "sweep" / "sweep.json")
     assert saved == json.loads(json.dumps(report))
+    assert saved["thresholds"] == [0.1, 0.2, 0.3, 0.4] and saved["images"] == 3
     stats = saved["statistics"]
-    assert list(stats) == ["0.1", "0.2", "0.3", "0.4", "ensemble"]
+    names = ["0.1", "0.2", "0.3", "0.4"]
+    assert list(stats) == names + ["ensemble"]
     # One merge sequence: a higher threshold stops earlier, so it never has fewer regions.
-    regions = [stats[t]["regions_per_image"] for t in ("0.1", "0.2", "0.3", "0.4")]
+    regions = [stats[t]["regions_per_image"] for t in names]
     assert regions == sorted(regions) and regions[0] >= 1
     segm = saved["segm"]
-    assert set(segm) == {"0.1", "0.2", "0.3", "0.4", "ensemble", "ensemble_0.1_0.2_0.4"}
-    assert all(0.0 <= segm[k]["AR@100"] <= 1.0 for k in segm)
+    assert set(segm) == set(names) | {"ensemble", "ensemble_0.1_0.2_0.4"}
+
+    out = tmp_path / "w" / "sweep"
+    files = {t: _load(out / f"thresh_{t}.json")["annotations"] for t in names}
+    files["ensemble"] = _load(out / "pseudo_labels_hier.json")["annotations"]
+    # The published ensemble: per image, the masks of 0.1, then 0.2, then 0.4.
+    image_ids = [im["id"] for im in _load(gt_json)["images"]]
+    files["ensemble_0.1_0.2_0.4"] = [
+        a for i in image_ids for t in ("0.1", "0.2", "0.4") for a in files[t] if a["image_id"] == i
+    ]
+    for key in names + ["ensemble"]:
+        assert stats[key]["masks_per_image"] == pytest.approx(len(files[key]) / 3), key
+    for key, anns in files.items():
+        # Fewer than 100 masks per image: COCOeval's AP at 100 detections is the sweep's AP
+        # at 1000.
+        assert max(sum(a["image_id"] == i for a in anns) for i in image_ids) < 100
+        want = _cocoeval_segm(gt_json, _as_results(anns))
+        for metric, value in want.items():
+            assert segm[key][metric] == pytest.approx(value, abs=1e-12), (key, metric)
+    # The check has teeth: the thresholds' own files score differently, so scoring one
+    # threshold's masks for another would show.
+    assert len({(segm[t]["AP"], segm[t]["AR@100"]) for t in names}) >= 3, segm
