@@ -272,9 +272,16 @@ def test_jax_crf_backend_batches_pairs_and_agrees_with_pydensecrf(baseline, tmp_
     batched = pipeline.jax_crf_all(images, parts, kw, 160, batch_size=4)
     for i in range(2):
         for t in range(3):
-            single = crf.dense_crf(images[i], refine.upsample_masks(parts[i][t], (160, 160)), **kw)
+            probs = refine.upsample_masks(parts[i][t], (160, 160))
+            single = crf.dense_crf(images[i], probs, **kw)
             # Padding to 8 labels changes float32 summation order over 10 iterations.
             np.testing.assert_allclose(batched[i][t], np.asarray(single), atol=5e-5)
+            # Parity with pydensecrf at the pipeline's settings, tight enough to tell the
+            # iteration count: one iteration fewer moves Q by far more than the tolerance.
+            ref = crf.dense_crf_pydensecrf(images[i], probs, **kw)
+            np.testing.assert_allclose(batched[i][t], ref, atol=1e-3)
+            fewer = crf.dense_crf_pydensecrf(images[i], probs, **{**kw, "iterations": 9})
+            assert kw["iterations"] == 10 and np.abs(fewer - ref).max() > 1e-2
 
     _write_images(tmp_path / "imgs", 5)
     pipeline.discover(
