@@ -54,14 +54,23 @@ def sweep():
 
 
 def evaluation():
-    """Class-agnostic COCO evaluation of a prediction file (HASSOD_SPEC 2.4)."""
+    """Class-agnostic COCO evaluation of a prediction file, by the original HASSOD's protocol
+    (reference/original_stage2.md B.8: maxDets 10/100/1000, every AP at 1000)."""
     c = ml_collections.ConfigDict()
     c.mode = "evaluate"
     c.gt_json = config_dict.placeholder(str)  # any COCO-format ground truth
     c.predictions_json = config_dict.placeholder(str)  # a result list, or a COCO dict
     c.output = ""  # default: workdir/eval.json
     c.iou_types = ("bbox", "segm")
-    c.max_dets = (1, 10, 100, 1000)
+    # The original's maxDets. Other values (e.g. 1) add 'extra/AR@m' keys (ours, not the
+    # original's); 10, 100 and 1000 are always evaluated.
+    c.max_dets = (10, 100, 1000)
+    # Ours, not the original's, comma-separated: 'AR@<m>' (recall at m detections per image)
+    # and 'levels' (each hier_level's predictions alone); reported under 'extra/' keys.
+    c.extras = ""
+    # False: predictions on images the ground truth lacks are refused. True: only the ground
+    # truth's images are scored; the other predictions are left out and counted in the output.
+    c.restrict_to_gt = False
     return c
 
 

@@ -204,8 +204,10 @@ def _eval_enabled(config):
 def evaluate_state(config, model, state, predict_fn=None):
     """Class-agnostic COCO metrics of `state` on config.val_json / config.val_images.
 
-    Returns a flat {name: float} dict: val/{bbox,segm}/{AP, AP50, AR@100},
-    val/level_accuracy (-1 when no detection is foreground), val/num_predictions, val/seconds.
+    Returns a flat {name: float} dict: val/{bbox,segm}/{AP, AP50, AR@100} by the original
+    HASSOD's protocol (`evaluate_coco`'s default: maxDets 10/100/1000, AP and AP50 at 1000
+    detections per image), val/level_accuracy (-1 when no detection is foreground),
+    val/num_predictions, val/seconds.
     """
     from hassod_jax.data import loader
     from hassod_jax.data.coco import load_coco_json
@@ -230,7 +232,7 @@ def evaluate_state(config, model, state, predict_fn=None):
     )
     ids = {image_id for _, image_id in images}
     gt = _subset_gt(val, ids)
-    metrics = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"), max_dets=(1, 10, 100))
+    metrics = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"))
     out = {}
     for t in ("bbox", "segm"):
         for k in ("AP", "AP50", "AR@100"):
