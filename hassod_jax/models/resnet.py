@@ -4,12 +4,13 @@ The architecture is torchvision's / detectron2's ResNet-50 "v1.5": the stride of
 bottleneck block sits in its 3x3 conv, the stem is conv7x7/2 + BN + ReLU + maxpool3x3/2,
 and each stage's first block has a 1x1 projection shortcut. Nothing is frozen.
 
-Batch norm and cross-device synchronisation: `nn.BatchNorm` is used *without* an
-`axis_name`. Under `jax.jit` with the batch sharded over a `Mesh` (`NamedSharding`), the
-batch statistics are a plain `mean` over the global batch axis, which XLA computes with a
-cross-device all-reduce, so the statistics ARE synchronised across the data axis exactly as
-detectron2's SyncBN (no `pmap`-style `axis_name` is needed or allowed). Momentum 0.9 in
-flax terms equals torch's `momentum=0.1`; eps 1e-5.
+Batch norm and cross-device synchronisation: `BatchNorm` below has no `axis_name`. Under
+`jax.jit` with the batch sharded over a `Mesh` (`NamedSharding`), the batch statistics are a
+plain `mean` over the global batch axis, which XLA computes with a cross-device all-reduce,
+so the statistics ARE synchronised across the data axis exactly as detectron2's SyncBN (no
+`pmap`-style `axis_name` is needed or allowed). It follows torch's `BatchNorm2d` exactly:
+normalise with the biased batch variance, but update the running variance with the UNBIASED
+one (momentum 0.1, eps 1e-5); flax's own `nn.BatchNorm` updates with the biased variance.
 
 Submodule names follow detectron2 (`stem_conv1`, `res2_0/conv1`, `res2_0/shortcut` ...),
 so the conversion from torchvision or detectron2 names is mechanical (see `load_resnet50`).
@@ -23,10 +24,11 @@ import re
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-BN_MOMENTUM = 0.9  # flax convention; = torch BatchNorm momentum 0.1
+BN_MOMENTUM_TORCH = 0.1  # torch convention: running = (1 - m) * running + m * batch
 BN_EPS = 1e-5
 
 # Detectron2's weight initialisers (fvcore/nn/weight_init.py), shared by every model family:
@@ -41,12 +43,15 @@ class ResNetConfig:
 
     block: "bottleneck" (ResNet-50 style, expansion 4) or "basic" (ResNet-18 style).
     stage_sizes: number of blocks in res2..res5.
-    width: channels of the stem and of res2's inner convs (64 for ResNet-50); doubles per stage.
+    width: channels of res2's inner convs (64 for ResNet-50; detectron2's
+      NUM_GROUPS * WIDTH_PER_GROUP); doubles per stage.
+    stem_width: channels of the stem (detectron2's STEM_OUT_CHANNELS); None = `width`.
     """
 
     block: str = "bottleneck"
     stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
     width: int = 64
+    stem_width: int | None = None
 
     def out_channels(self) -> dict[str, int]:
         expansion = 4 if self.block == "bottleneck" else 1
@@ -58,16 +63,58 @@ RESNET50 = ResNetConfig()
 RESNET_SMALL = ResNetConfig(block="basic", stage_sizes=(1, 1, 1, 1), width=16)
 
 
-def batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
+class BatchNorm(nn.Module):
+    """torch `BatchNorm2d` / detectron2 SyncBN over the last axis of NHWC inputs.
+
+    Variables as flax's `nn.BatchNorm` (params `scale`, `bias`; batch_stats `mean`, `var`), so
+    checkpoints and converters see the same tree. Training mode: statistics over every axis but
+    the last, in float32, two-pass (mean, then the mean squared deviation); the output uses the
+    biased variance; the running statistics move by `momentum` (torch convention) towards the
+    batch mean and the unbiased batch variance (torch's `var * n / (n - 1)`).
+
+    When the collection `bn_stats` is mutable, the batch statistics themselves are stored there
+    (`mean`, unbiased `var`): PreciseBN (`hassod_jax.train.precise_bn`) averages them.
+    """
+
+    use_running_average: bool = True
+    momentum: float = BN_MOMENTUM_TORCH
+    epsilon: float = BN_EPS
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        f32 = jnp.float32
+        scale = self.param("scale", nn.initializers.ones, (c,), f32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), f32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), f32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), f32))
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(f32)
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            n = 1
+            for a in axes:
+                n *= x.shape[a]
+            unbiased = var * (n / max(n - 1, 1))
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+                ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
+                if self.is_mutable_collection("bn_stats"):
+                    self.put_variable("bn_stats", "mean", mean)
+                    self.put_variable("bn_stats", "var", unbiased)
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        d = self.dtype
+        return (x.astype(d) - mean.astype(d)) * mul.astype(d) + bias.astype(d)
+
+
+def batch_norm(train: bool, name: str, dtype: Any) -> BatchNorm:
     """BatchNorm as torch's defaults (momentum 0.1, eps 1e-5), float32 parameters."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPS,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 def _conv(features: int, k: int, stride: int, name: str, dtype: Any) -> nn.Conv:
@@ -147,7 +194,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet expects images (B, H, W, 3) NHWC, got {images.shape}")
         d = self.dtype
         x = images.astype(d)
-        x = _conv(cfg.width, 7, 2, "stem_conv1", d)(x)
+        x = _conv(cfg.stem_width or cfg.width, 7, 2, "stem_conv1", d)(x)
         x = nn.relu(batch_norm(train, "stem_norm", d)(x))
         # reduce_window pads with -inf, like torch's max_pool2d(kernel 3, stride 2, padding 1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
