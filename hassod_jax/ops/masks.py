@@ -137,7 +137,8 @@ def crop_and_resize_gt_masks(gt_masks, boxes, mask_size: int = 28, gt_indices=No
         cap = max(1, math.ceil((length + 1) / s))
         grid = jnp.clip(jnp.ceil(size / s), 0, cap).astype(jnp.int32)
         n = jnp.full((k,), length, jnp.int32)
-        idx, wt = _axis_samples(start, size, s, grid, jnp.arange(cap), n.astype(jnp.float32), n)
+        slots = jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32), (k, cap))
+        idx, wt = _axis_samples(start, size, s, grid, slots, n.astype(jnp.float32), n)
         wt = wt / jnp.maximum(grid, 1).astype(jnp.float32)[:, None, None, None]
         kk = jnp.broadcast_to(jnp.arange(k)[:, None, None, None], idx.shape)
         ss = jnp.broadcast_to(jnp.arange(s)[None, :, None, None], idx.shape)

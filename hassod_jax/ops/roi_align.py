@@ -12,23 +12,22 @@ pytorch/vision ``torchvision/csrc/ops/cpu/roi_align_kernel.cpp``), re-derived he
   coordinate is clamped to 0 from below and to the last row/column when at or beyond it;
 * the bin value is the sum of its samples divided by ``max(gh * gw, 1)``.
 
-Adaptive sampling (``sampling_ratio=0``) has a per-box, data-dependent sample count; with
-static shapes we lay out ``max_sampling`` samples per axis and bin, give samples beyond the
-box's own count weight 0 and divide by the box's true count. This is exact whenever
-``ceil(roi_size / S) <= max_sampling`` on both axes. Boxes beyond the cap use
-``max_sampling`` evenly spaced samples per axis (an approximation of the same average).
-With detectron2's canonical level assignment (224 px at P4) a square box never needs more
-than ``ceil(roi / S) = 4`` samples on P2-P4 and up to 6 on P5 at 800 x 1333, so the default
-cap 8 is exact for boxes of aspect ratio up to about 4 on P2-P4 and for all P5 boxes up to
-1792 px on a side; longer, thinner boxes are approximated. These counts are for S = 7
-(box head); for S = 14 (mask head) they halve, so cap 4 there is exact for the same boxes.
+Adaptive sampling (``sampling_ratio=0``) has a per-box, data-dependent sample count
+``gh x gw``. With static shapes, each box's own samples are walked in torchvision's order (row
+``iy`` outer, column ``ix`` inner) by one flat slot counter ``t``: step ``t`` takes, for every
+box at once, its sample ``(t // gw, t % gw)`` when ``t < gh * gw``. The walk has at most
+``max_sampling`` steps (a static cap on the samples PER BIN, ``gh * gw``), and steps beyond the
+batch's largest ``gh * gw`` are skipped. Only the product is capped, so long thin boxes, whose
+ONE axis needs many samples (a 1333 x 9 px box on P2: 48 x 1), stay exact. With detectron2's
+level assignment (224 px at P4) the product stays below 64 for every box of an image up to
+1333 px on a side (square boxes need at most 4 x 4 on P2-P4 and 6 x 6 on P5; thin boxes trade
+one axis for the other), so the default cap 64 is exact there. A box beyond the cap is
+sampled with both counts scaled down to fit (an approximation of the same average). These
+counts are for S = 7 (box head); for S = 14 (mask head) they are about 4x smaller.
 
-Cost: the (cap x cap) sample slots of every bin are visited one per ``scan`` step (steps
-beyond the largest per-box count in the batch are skipped), each gathering 4 taps per bin
-for all boxes, so time grows with ``cap**2`` (``sampling_ratio**2`` when fixed) while memory
-stays O(K * S * S * C). Adaptive sampling with cap 8 therefore costs up to 16x a fixed
-``sampling_ratio=2`` (torchvision's MultiScaleRoIAlign default); ``max_sampling=4`` is exact
-for square boxes on P2-P4 and costs 4x.
+Cost: one gather of 4 taps per bin for all boxes per step, so time grows with the largest
+``gh * gw`` of the batch (``sampling_ratio**2`` when fixed) while memory stays
+O(K * S * S * C).
 
 All levels of an FPN are flattened into one (sum of H*W, C) table and each box gathers
 from its own level through a per-box row offset, height, width and scale: one gather
@@ -48,13 +47,13 @@ __all__ = ["roi_align", "multilevel_roi_align", "assign_boxes_to_levels"]
 
 
 def _axis_samples(start, size, n_bins, grid, slots, length, valid_len):
-    """Per-axis bilinear taps for a batch of boxes.
+    """Per-axis bilinear taps of some sample slots for a batch of boxes.
 
     Args:
       start, size: (K,) roi start/size in feature pixels along this axis.
       n_bins: static S.
-      grid: (K,) int32 sample count per bin for each box (already clamped to the cap).
-      slots: (P,) int32 sample indices within a bin to evaluate (may be traced).
+      grid: (K,) int32 sample count per bin along this axis for each box.
+      slots: (K, P) int32 sample indices within a bin to evaluate, per box.
       length: (K,) float32 feature length (H or W) of the box's level.
       valid_len: (K,) int32 same length as int.
 
@@ -63,12 +62,12 @@ def _axis_samples(start, size, n_bins, grid, slots, length, valid_len):
       (0 for slots >= grid and for out-of-range samples).
     """
     p = jnp.arange(n_bins, dtype=jnp.float32)[None, :, None]
-    i = slots.astype(jnp.float32)[None, None, :]
+    i = slots.astype(jnp.float32)[:, None, :]
     bin_size = (size / n_bins)[:, None, None]
     g = grid.astype(jnp.float32)[:, None, None]
     # Same operation order as torchvision: start + p * bin + ((i + .5) * bin) / g.
     coord = start[:, None, None] + p * bin_size + (i + 0.5) * bin_size / jnp.maximum(g, 1.0)
-    in_slot = slots[None, None, :] < grid[:, None, None]
+    in_slot = slots[:, None, :] < grid[:, None, None]
     length = length[:, None, None]
     outside = (coord < -1.0) | (coord > length)
     c = jnp.maximum(coord, 0.0)
@@ -85,6 +84,16 @@ def _axis_samples(start, size, n_bins, grid, slots, length, valid_len):
     return idx, w
 
 
+def _fit_to_cap(gh, gw, cap: int):
+    """Sample counts whose product is at most `cap` (unchanged when already within it)."""
+    over = gh * gw > cap
+    shrink = jnp.sqrt(cap / jnp.maximum(gh * gw, 1).astype(jnp.float32))
+    sh = jnp.clip(jnp.floor(gh * shrink), 1, cap).astype(jnp.int32)
+    sw = jnp.clip(cap // jnp.maximum(sh, 1), 1, cap).astype(jnp.int32)
+    sw = jnp.minimum(sw, gw)
+    return jnp.where(over, sh, gh), jnp.where(over, sw, gw)
+
+
 def _roi_align_flat(
     table, boxes, base, height, width, scale, *, output_size, sampling_ratio, aligned, max_sampling
 ):
@@ -94,11 +103,10 @@ def _roi_align_flat(
     ``base[k] : base[k] + height[k] * width[k]``. boxes (K, 4) xyxy in input pixels, scaled by
     scale[k]. Returns (K, S, S, C) in ``table``'s dtype (accumulated in float32).
 
-    The (cap x cap) sample grid of every bin is walked by a ``scan``, one (y, x) sample
-    slot per step, gathering the 4 bilinear taps of that slot for all boxes and bins at
-    once: memory stays O(K * S * S * C) whatever the cap (a single gather of every
-    sample would hold K * (2 S cap)^2 * C values), and its gradient is a scatter-add per
-    step. Steps beyond the largest per-box sample count of the batch are skipped.
+    A ``scan`` walks the sample slots (module docstring), gathering the 4 bilinear taps of
+    one sample per bin for all boxes at once: memory stays O(K * S * S * C) whatever the
+    count, and its gradient is a scatter-add per step. Steps beyond the largest per-box
+    sample count of the batch are skipped.
     """
     s = int(output_size)
     k = boxes.shape[0]
@@ -106,37 +114,41 @@ def _roi_align_flat(
     boxes = boxes.astype(jnp.float32)
     x1, y1, roi_w, roi_h = _roi_geometry(boxes, scale, aligned)
     if sampling_ratio > 0:
-        cap = int(sampling_ratio)
-        gh = jnp.full((k,), cap, jnp.int32)
+        gh = jnp.full((k,), int(sampling_ratio), jnp.int32)
         gw = gh
+        steps = int(sampling_ratio) ** 2
     else:
-        cap = int(max_sampling)
         # ceil(roi / S) as torchvision; a non-positive size gives 0 samples (output 0).
-        gh = jnp.clip(jnp.ceil(roi_h / s), 0, cap).astype(jnp.int32)
-        gw = jnp.clip(jnp.ceil(roi_w / s), 0, cap).astype(jnp.int32)
+        gh = jnp.clip(jnp.ceil(roi_h / s), 0, 2**20).astype(jnp.int32)
+        gw = jnp.clip(jnp.ceil(roi_w / s), 0, 2**20).astype(jnp.int32)
+        gh, gw = _fit_to_cap(gh, gw, int(max_sampling))
+        steps = int(max_sampling)
     h_f = height.astype(jnp.float32)
     w_f = width.astype(jnp.float32)
-    count = jnp.maximum(gh * gw, 1).astype(jnp.float32)
-    max_gh = jnp.max(gh, initial=0)
-    max_gw = jnp.max(gw, initial=0)
+    per_box = gh * gw
+    count = jnp.maximum(per_box, 1).astype(jnp.float32)
+    max_t = jnp.max(per_box, initial=0)
+    gw_div = jnp.maximum(gw, 1)
 
-    def add_slot(acc, iy, ix):
-        yi, wy = _axis_samples(y1, roi_h, s, gh, iy[None], h_f, height)  # (K, S, 1, 2)
-        xi, wx = _axis_samples(x1, roi_w, s, gw, ix[None], w_f, width)
-        rows = base[:, None, None] + yi[:, :, 0, :] * width[:, None, None]  # (K, S, 2)
-        flat_idx = rows[:, :, :, None, None] + xi[:, None, None, :, 0, :]  # (K, S, 2, S, 2)
+    def add_slot(acc, t):
+        # torchvision's loop order per box: iy outer, ix inner.
+        iy = jnp.where(t < per_box, t // gw_div, gh)  # gh: out of the slot range -> weight 0
+        ix = t % gw_div
+        yi, wy = _axis_samples(y1, roi_h, s, gh, iy[:, None], h_f, height)  # (K, S, 1, 2)
+        xi, wx = _axis_samples(x1, roi_w, s, gw, ix[:, None], w_f, width)
+        yi, wy, xi, wx = yi[:, :, 0], wy[:, :, 0], xi[:, :, 0], wx[:, :, 0]  # (K, S, 2)
+        rows = base[:, None, None] + yi * width[:, None, None]  # (K, S, 2)
+        flat_idx = rows[:, :, :, None, None] + xi[:, None, None, :, :]  # (K, S, 2, S, 2)
         vals = jnp.take(table, flat_idx, axis=0, mode="clip").astype(jnp.float32)
-        wgt = wy[:, :, 0, :, None, None] * wx[:, None, None, :, 0, :]
+        wgt = wy[:, :, :, None, None] * wx[:, None, None, :, :]
         return acc + jnp.sum(vals * wgt[..., None], axis=(2, 4))
 
     def step(acc, t):
-        iy, ix = t // cap, t % cap
-        active = (iy < max_gh) & (ix < max_gw)
-        acc = jax.lax.cond(active, lambda a: add_slot(a, iy, ix), lambda a: a, acc)
+        acc = jax.lax.cond(t < max_t, lambda a: add_slot(a, t), lambda a: a, acc)
         return acc, None
 
     acc0 = jnp.zeros((k, s, s, c_dim), jnp.float32)
-    acc, _ = jax.lax.scan(step, acc0, jnp.arange(cap * cap, dtype=jnp.int32))
+    acc, _ = jax.lax.scan(step, acc0, jnp.arange(steps, dtype=jnp.int32))
     return (acc / count[:, None, None, None]).astype(table.dtype)
 
 
@@ -186,7 +198,7 @@ def roi_align(
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool = True,
-    max_sampling: int = 8,
+    max_sampling: int = 64,
 ):
     """ROIAlign as ``torchvision.ops.roi_align``, NHWC.
 
@@ -197,7 +209,7 @@ def roi_align(
       spatial_scale: feature pixels per input pixel (1 / stride).
       sampling_ratio: samples per bin and axis; 0 = adaptive ``ceil(roi / S)``.
       aligned: half-pixel shift (detectron2 uses True).
-      max_sampling: static cap on the adaptive sample count (see module docstring).
+      max_sampling: static cap on the adaptive samples per bin, gh * gw (module docstring).
 
     Returns:
       (B, K, S, S, C) in ``features``' dtype.
@@ -255,7 +267,7 @@ def multilevel_roi_align(
     canonical_box_size: float = 224.0,
     canonical_level: int = 4,
     aligned: bool = True,
-    max_sampling: int = 8,
+    max_sampling: int = 64,
 ):
     """detectron2 ``ROIPooler`` with ROIAlignV2: each box pooled from its assigned level.
 

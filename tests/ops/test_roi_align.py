@@ -63,7 +63,7 @@ def test_roi_align_matches_torchvision(b, h, w, c, k, s, stride, modes):
                 spatial_scale=scale,
                 sampling_ratio=sr,
                 aligned=al,
-                max_sampling=32,
+                max_sampling=1024,
             )
         )
         got = np.asarray(fn(feats, boxes))
@@ -77,24 +77,27 @@ def _adaptive_default_cap(f, bx):
 
 
 @jax.jit
-def _adaptive_cap10(f, bx):
-    return roi_align(f, bx, output_size=4, spatial_scale=1.0, sampling_ratio=0, max_sampling=10)
+def _adaptive_cap100(f, bx):
+    return roi_align(f, bx, output_size=4, spatial_scale=1.0, sampling_ratio=0, max_sampling=100)
 
 
 def test_adaptive_cap_is_exact_below_it_and_bounded_above():
-    """With the default cap 8, boxes needing <= 8 samples per bin axis are exact; the cap
-    only changes boxes that need more."""
+    """The default cap (64 samples per bin, gh * gw) is exact for every box within it, however
+    thin (one axis may need many samples); only boxes needing more are approximated."""
     rng = np.random.default_rng(5)
-    feats = rng.normal(size=(1, 40, 40, 2)).astype(np.float32)
+    feats = rng.normal(size=(1, 40, 300, 2)).astype(np.float32)
     s = 4
-    # roi sizes up to 32 px -> ceil(32 / 4) = 8 samples: exact.
+    # roi sizes up to 32 px -> at most 8 x 8 = 64 samples: exact.
     small = _boxes(rng, 1, 30, 32, 32, max_frac=1.0)
-    got = _adaptive_default_cap(feats, small)
-    _assert_close(np.asarray(got), _tv_roi_align(feats, small, s, 1.0, 0, True))
-    # A 40 px box needs 10 samples: with max_sampling=8 it is approximated (close, not equal).
+    # Thin boxes: 250 x 3 px -> 63 x 1 samples per bin; 3 x 39 px -> 1 x 10.
+    thin = np.array([[[10.0, 5.0, 260.0, 8.0], [40.0, 0.5, 43.0, 39.5]]], np.float32)
+    for bx in (small, thin):
+        got = _adaptive_default_cap(feats, bx)
+        _assert_close(np.asarray(got), _tv_roi_align(feats, bx, s, 1.0, 0, True))
+    # A 40 x 40 px box needs 10 x 10 = 100 samples: approximated with the cap 64.
     big = np.array([[[0.0, 0.0, 40.0, 40.0]]], np.float32)
     approx = np.asarray(_adaptive_default_cap(feats, big))
-    exact = np.asarray(_adaptive_cap10(feats, big))
+    exact = np.asarray(_adaptive_cap100(feats, big))
     _assert_close(exact, _tv_roi_align(feats, big, s, 1.0, 0, True))
     assert not np.allclose(approx, exact, rtol=1e-5, atol=1e-6)
     assert np.abs(approx - exact).max() < 0.1 * np.abs(exact).max()
@@ -151,14 +154,16 @@ def test_multilevel_roi_align_matches_detectron2_pooler(sr):
     # Mix of sizes so that every level receives boxes.
     boxes = np.concatenate(
         [_boxes(rng, 2, 8, img_h, img_w, max_frac=f) for f in (0.1, 0.3, 0.6, 1.0)]
-        + [np.array([[[10.0, 20.0, 600.0, 470.0]], [[-20.0, 0.0, 700.0, 400.0]]], np.float32)],
+        + [np.array([[[10.0, 20.0, 600.0, 470.0]], [[-20.0, 0.0, 700.0, 400.0]]], np.float32)]
+        # Long thin boxes on P2/P3 need many samples along one axis (32 x 1 and 1 x 24 per bin).
+        + [np.array([[[5.0, 100.0, 630.0, 108.0]], [[300.0, 2.0, 310.0, 470.0]]], np.float32)],
         axis=1,
     )
     ref, lvl = _d2_pooler(feats, boxes, 5, strides, sr)
     assert set(lvl.tolist()) == {0, 1, 2, 3}
     fn = jax.jit(
         lambda fs, bx: multilevel_roi_align(
-            fs, bx, output_size=5, strides=strides, sampling_ratio=sr, max_sampling=16
+            fs, bx, output_size=5, strides=strides, sampling_ratio=sr
         )
     )
     got = np.asarray(fn(feats, boxes))
