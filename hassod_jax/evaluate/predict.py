@@ -207,6 +207,56 @@ def make_predict_fn(model):
     return jax.jit(fn)
 
 
+_DETECT_FNS: dict = {}
+
+
+def detect(module, variables, image, *, short_edge=800, max_size=1333, score_threshold=0.0):
+    """Runs the detector on ONE image as detectron2's `DefaultPredictor` does.
+
+    Args:
+      module, variables: a `CascadeMaskRCNN` and its {"params", "batch_stats"} (from our
+        checkpoints, or `hassod_jax.load_detector` for detectron2/HASSOD `.pth` files).
+      image: (H, W, 3) uint8 RGB NumPy array.
+      short_edge, max_size: detectron2's test-time `ResizeShortestEdge` (PIL bilinear on the
+        uint8 image); the resized image is zero-padded (after normalisation) to a multiple of 32.
+      score_threshold: keep detections with score >= this (0 keeps all).
+    Returns:
+      dict of NumPy arrays in the ORIGINAL image's pixels, by descending score:
+      boxes (N, 4) float32 xyxy, scores (N,) float32, levels (N,) int64 (0 whole, 1 part,
+      2 subpart), level_probs (N, L) float32, masks (N, H, W) bool (detectron2's
+      `detector_postprocess`: boxes rescaled and clipped, empty ones dropped, masks pasted
+      with `paste_masks_in_image` at 0.5).
+    """
+    import jax
+
+    from hassod_jax.data.images import check_rgb_uint8
+
+    image = check_rgb_uint8(np.asarray(image), "detect")
+    oh, ow = image.shape[:2]
+    resized = resize_for_test(image, short_edge, max_size)
+    h, w = resized.shape[:2]
+    ph, pw = padded_shape(h, w)
+    padded = np.zeros((1, ph, pw, 3), np.uint8)
+    padded[0, :h, :w] = resized
+    key = id(module)
+    if key not in _DETECT_FNS or _DETECT_FNS[key][0] is not module:
+        _DETECT_FNS[key] = (module, make_predict_fn(module))
+    fn = _DETECT_FNS[key][1]
+    det = jax.device_get(fn(variables, padded, np.asarray([[h, w]], np.int32)))
+    det = {k: np.asarray(v[0]) for k, v in det.items()}
+    boxes, nonempty = rescale_boxes(det["boxes"], (h, w), (oh, ow))
+    keep = np.nonzero(det["valid"] & nonempty & (det["scores"] >= score_threshold))[0]
+    boxes = boxes[keep]
+    level_probs = det["level_probs"][keep].astype(np.float32)
+    return {
+        "boxes": boxes,
+        "scores": det["scores"][keep].astype(np.float32),
+        "levels": np.argmax(level_probs, axis=-1).astype(np.int64),
+        "level_probs": level_probs,
+        "masks": paste_masks_numpy(det["masks"][keep], boxes, oh, ow),
+    }
+
+
 def _with_detections(model, detections):
     if detections is None or detections == model.config.detections_per_image:
         return model

@@ -76,9 +76,10 @@ class DetectorConfig:
     box_scale_clamp: float = math.log(1000.0 / 16)
     box_pooler_resolution: int = 7
     pooler_sampling_ratio: int = 0  # 0 = detectron2's adaptive ceil(roi_size / bin)
-    # Static cap on the adaptive sample count per bin and axis (exact below it; see
-    # hassod_jax.ops.roi_align). The pooling cost grows with its square.
-    pooler_max_sampling: int = 8
+    # Static cap on the adaptive samples per bin (gh * gw; exact below it, which holds for
+    # every box of images up to 1333 px: see hassod_jax.ops.roi_align). The pooling cost grows
+    # with the largest gh * gw of a batch, not with the cap.
+    pooler_max_sampling: int = 64
     box_fc_dim: int = 1024
     box_num_fc: int = 2
     mask_pooler_resolution: int = 14
@@ -92,7 +93,8 @@ class DetectorConfig:
     droploss_iou_thresh: float = 0.01
     test_nms_thresh: float = 0.5
     test_score_thresh: float = 0.0
-    detections_per_image: int = 100
+    # HASSOD's jobs set TEST.DETECTIONS_PER_IMAGE 1000 for every evaluation.
+    detections_per_image: int = 1000
 
     @property
     def num_stages(self) -> int:
@@ -161,6 +163,12 @@ class CascadeMaskRCNN(nn.Module):
         self.mask_head = MaskHead(cfg.mask_head_dim, cfg.mask_num_conv, dtype=self.dtype)
 
     # ------------------------------------------------------------------ pieces
+    def features(self, images, train: bool = False):
+        """Backbone + FPN: images (B, H, W, 3) normalised -> {"p2".."p6"} NHWC. With
+        `train=True` batch norm uses (and updates) batch statistics; with the collection
+        `bn_stats` mutable it also records them (PreciseBN)."""
+        return self.fpn(self.backbone(images, train), train)
+
     def _pool(self, feats, boxes, size):
         return ops.multilevel_roi_align(
             [feats[k] for k in _BOX_LEVELS],
@@ -173,6 +181,12 @@ class CascadeMaskRCNN(nn.Module):
 
     def _coder(self, k):
         return ops.BoxCoder(self.config.cascade_box_weights[k], self.config.box_scale_clamp)
+
+    def proposals(self, feats, image_sizes, train: bool = False):
+        """RPN on `features` output: returns ((logits, deltas, anchors) per level,
+        (boxes (B, P, 4), objectness logits (B, P), valid (B, P))), detectron2's
+        `find_top_rpn_proposals` with the train or test top-k."""
+        return self._proposals(feats, image_sizes, train)
 
     def _proposals(self, feats, image_sizes, train):
         cfg = self.config
@@ -218,7 +232,8 @@ class CascadeMaskRCNN(nn.Module):
           train: {loss name: float32 scalar}.
           test: {"boxes" (B, D, 4) xyxy, "scores" (B, D), "level_probs" (B, D, L),
             "levels" (B, D) int32 argmax, "masks" (B, D, 28, 28) probabilities in the box,
-            "valid" (B, D) bool}, D = detections_per_image, by descending score.
+            "valid" (B, D) bool, "index" (B, D) proposal index (-1 when invalid)},
+            D = detections_per_image, by descending score.
         """
         b, h, w, c = images.shape
         if c != 3 or h % 32 or w % 32:
@@ -231,7 +246,7 @@ class CascadeMaskRCNN(nn.Module):
         if image_sizes is None:
             image_sizes = jnp.tile(jnp.asarray([[h, w]], jnp.int32), (b, 1))
         image_sizes = jnp.asarray(image_sizes).astype(jnp.float32)
-        feats = self.fpn(self.backbone(images, train), train)
+        feats = self.features(images, train)
         if self.is_initializing():
             return self._init_heads(feats)
         (logits, deltas, anchors), (props, _, pvalid) = self._proposals(feats, image_sizes, train)
@@ -356,45 +371,75 @@ class CascadeMaskRCNN(nn.Module):
         out["mask"] = L.mask_loss(mask_logits, mask_gt, mfg)
         return out
 
-    def _inference(self, feats, props, pvalid, image_sizes):
+    def box_stage(self, feats, boxes, k: int):
+        """Cascade stage `k` on given boxes: feats from `features`, boxes (B, R, 4) xyxy input
+        pixels -> (class logits (B, R, 2) [fg, bg], deltas (B, R, 4), level logits (B, R, L))."""
+        return self.box_heads[k](self._pool(feats, boxes, self.config.box_pooler_resolution))
+
+    def mask_logits(self, feats, boxes):
+        """Mask head on given boxes (B, D, 4) -> (B, D, 28, 28) logits."""
+        return self.mask_head(self._pool(feats, boxes, self.config.mask_pooler_resolution))
+
+    def cascade_inference(self, feats, props, pvalid, image_sizes):
+        """HASSOD's test-time cascade on proposals (B, R, 4) with validity (B, R):
+        stage k > 0 pools stage k-1's decoded boxes clipped to the image (not filtered); the
+        class and level probabilities are each stage's SOFTMAX averaged over the stages
+        (HASSOD's `predict_levels` is a softmax although training uses a sigmoid focal loss);
+        the boxes are the last stage's decoding, unclipped.
+        Returns (boxes (B, R, 4), scores (B, R) fg probability, level_probs (B, R, L))."""
         cfg = self.config
-        boxes, valid = props, pvalid
+        boxes = props
         score_sum, level_sum, pred_boxes = 0.0, 0.0, None
         for k in range(cfg.num_stages):
             if k > 0:
                 boxes = _clip_batch(pred_boxes, image_sizes)
-            cls, dl, lvl = self.box_heads[k](self._pool(feats, boxes, cfg.box_pooler_resolution))
+            cls, dl, lvl = self.box_stage(feats, boxes, k)
             score_sum = score_sum + jax.nn.softmax(cls, axis=-1)[..., 0]
-            level_sum = level_sum + jax.nn.sigmoid(lvl)
+            level_sum = level_sum + jax.nn.softmax(lvl, axis=-1)
             pred_boxes = self._coder(k).decode(dl, boxes)
-        scores = score_sum / cfg.num_stages
-        level_probs = level_sum / cfg.num_stages
-        final = _clip_batch(pred_boxes, image_sizes)
-        ok = (
-            valid
-            & jnp.all(jnp.isfinite(final), axis=-1)
-            & jnp.isfinite(scores)
-            & (scores > cfg.test_score_thresh)
+        return pred_boxes, score_sum / cfg.num_stages, level_sum / cfg.num_stages
+
+    def _inference(self, feats, props, pvalid, image_sizes):
+        boxes, scores, level_probs = self.cascade_inference(feats, props, pvalid, image_sizes)
+        det = fast_rcnn_inference(boxes, scores, level_probs, pvalid, image_sizes, self.config)
+        mask_in = jnp.where(
+            det["valid"][..., None], det["boxes"], jnp.asarray([0.0, 0.0, 1.0, 1.0])
         )
-        d = cfg.detections_per_image
-        keep, kvalid = jax.vmap(
-            lambda bx, s, v: ops.nms(bx, s, cfg.test_nms_thresh, d, valid_in=v)
-        )(final, scores, ok)
-        det_boxes = jnp.where(kvalid[..., None], _take(final, keep), 0.0)
-        det_scores = jnp.where(kvalid, _take(scores, keep), 0.0)
-        det_levels = _take(level_probs, keep)
-        mask_in = jnp.where(kvalid[..., None], det_boxes, jnp.asarray([0.0, 0.0, 1.0, 1.0]))
-        masks = jax.nn.sigmoid(
-            self.mask_head(self._pool(feats, mask_in, cfg.mask_pooler_resolution))
-        )
-        return {
-            "boxes": det_boxes,
-            "scores": det_scores,
-            "level_probs": det_levels,
-            "levels": jnp.argmax(det_levels, axis=-1).astype(jnp.int32),
-            "masks": masks,
-            "valid": kvalid,
-        }
+        det["masks"] = jax.nn.sigmoid(self.mask_logits(feats, mask_in))
+        return det
+
+
+def fast_rcnn_inference(boxes, scores, level_probs, valid, image_sizes, config: DetectorConfig):
+    """detectron2's `fast_rcnn_inference` as HASSOD runs it, static shapes.
+
+    Args:
+      boxes: (B, R, 4) last-stage decoded boxes; scores (B, R); level_probs (B, R, L);
+      valid (B, R) bool (real proposals); image_sizes (B, 2) (height, width).
+    Returns: {"boxes" (B, D, 4) clipped xyxy, "scores" (B, D), "level_probs" (B, D, L),
+      "levels" (B, D) argmax, "index" (B, D) int32 proposal index, "valid" (B, D)}, by
+      descending score; D = config.detections_per_image: clip, keep finite boxes and scores
+      with score > test_score_thresh, NMS at test_nms_thresh, the top D.
+    """
+    final = _clip_batch(boxes, jnp.asarray(image_sizes, jnp.float32))
+    ok = (
+        valid
+        & jnp.all(jnp.isfinite(final), axis=-1)
+        & jnp.isfinite(scores)
+        & (scores > config.test_score_thresh)
+    )
+    d = config.detections_per_image
+    keep, kvalid = jax.vmap(
+        lambda bx, s, v: ops.nms(bx, s, config.test_nms_thresh, d, valid_in=v)
+    )(final, scores, ok)
+    det_levels = _take(level_probs, keep)
+    return {
+        "boxes": jnp.where(kvalid[..., None], _take(final, keep), 0.0),
+        "scores": jnp.where(kvalid, _take(scores, keep), 0.0),
+        "level_probs": det_levels,
+        "levels": jnp.argmax(det_levels, axis=-1).astype(jnp.int32),
+        "index": jnp.where(kvalid, keep, -1).astype(jnp.int32),
+        "valid": kvalid,
+    }
 
 
 def paste_detection_masks(detections: dict, height: int, width: int, threshold: float = 0.5):

@@ -58,7 +58,7 @@ class BoxHead(nn.Module):
         cls = nn.Dense(2, kernel_init=nn.initializers.normal(0.01), name="cls_score", **kw)(x)
         box = nn.Dense(4, kernel_init=nn.initializers.normal(0.001), name="bbox_pred", **kw)(x)
         lvl = nn.Dense(
-            self.num_levels, kernel_init=nn.initializers.normal(0.01), name="level_pred", **kw
+            self.num_levels, kernel_init=nn.initializers.normal(0.01), name="level_predictor", **kw
         )(x)
         f32 = jnp.float32
         return cls.astype(f32), box.astype(f32), lvl.astype(f32)
