@@ -16,6 +16,8 @@ _EXPORTS = {
     "hierarchy_levels": "hassod_jax.discovery.hierarchy",
     "dense_crf": "hassod_jax.discovery.crf",
     "load_resnet50": "hassod_jax.models.resnet",
+    "load_detector": "hassod_jax.weights.detectron2",
+    "detect": "hassod_jax.evaluate.predict",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
