@@ -86,8 +86,12 @@ def training():
     c.batch_size = 16  # global, over all devices and hosts
     c.max_iter = 40000
     c.base_lr = 0.01
-    c.lr_steps = (30000,)  # detectron2's default SOLVER.STEPS; the spec is silent
-    c.lr_gamma = 0.1
+    # The original's own numbers (cascade yaml: SOLVER.STEPS (80000,), GAMMA 0.02). With
+    # max_iter 40000 the step lies beyond the run (detectron2 drops it), so the LR is constant
+    # 0.01 after the warmup, as in the original; written as the original's values rather than
+    # () so that a longer run (the yaml's own MAX_ITER is 160000) decays where it would.
+    c.lr_steps = (80000,)
+    c.lr_gamma = 0.02
     c.warmup_iters = 1000
     c.warmup_factor = 0.001
     c.momentum = 0.9

@@ -65,6 +65,7 @@ def make_optimizer(config):
         gamma=config.lr_gamma,
         warmup_iters=config.warmup_iters,
         warmup_factor=config.warmup_factor,
+        max_iter=config.max_iter,
     )
     tx = optim.sgd(
         sched,
