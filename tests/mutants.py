@@ -1,0 +1,282 @@
+"""Mutation check of the test suite (issue 16): do the tests catch the bugs they are named after?
+
+Run by hand (not collected by pytest, not run by CI):
+
+    python tests/mutants.py                      # every mutant
+    python tests/mutants.py hac_cut_strict ...   # some of them
+    python tests/mutants.py --list               # names, edits and test ids
+    python tests/mutants.py --no-baseline        # skip the run of the unmodified copy
+
+A mutant is a plausible bug written as data: one or more textual search/replace edits (each
+search string must occur exactly once in its file, else the script stops) and the pytest ids
+that should catch it. For each mutant the working tree (without .git and caches) is copied to a
+scratch folder, the edits are applied there, and the ids run in that copy: the current
+directory and PYTHONPATH are the copy, and since the package is also installed editable, the
+runner checks in the test process itself that `hassod_jax` and every `hassod_jax.*` module it
+loaded come from the copy. The mutant is caught when at least one test fails or errors.
+First, unless --no-baseline, the union of all the ids runs on an unmodified copy: a test that
+fails there would make every mutant look caught, so the script stops on one.
+
+To add a mutant, append a `Mutant(...)` to MUTANTS; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Edit(NamedTuple):
+    path: str  # relative to the repository root
+    search: str  # must occur exactly once in the file
+    replace: str
+
+
+class Mutant(NamedTuple):
+    name: str
+    description: str
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]  # pytest ids, relative to the repository root
+
+
+MUTANTS = [
+    Mutant(
+        "hac_cut_strict",
+        "HAC cut keeps merges with similarity > θ instead of >= θ",
+        (
+            Edit(
+                "hassod_jax/discovery/hac.py",
+                "run_min[None, :] >= thresholds[:, None]",
+                "run_min[None, :] > thresholds[:, None]",
+            ),
+        ),
+        ("tests/discovery/test_hac.py",),
+    ),
+    Mutant(
+        "crf_one_iteration_fewer",
+        "dense CRF runs one mean-field iteration fewer than asked",
+        (
+            Edit(
+                "hassod_jax/discovery/crf.py",
+                "q = jax.lax.fori_loop(0, iterations, step, q)",
+                "q = jax.lax.fori_loop(0, iterations - 1, step, q)",
+            ),
+        ),
+        (
+            "tests/discovery/test_crf.py",
+            "tests/discovery/test_lattice.py",
+            "tests/discovery/test_pipeline.py::"
+            "test_jax_crf_backend_batches_pairs_and_agrees_with_pydensecrf",
+        ),
+    ),
+    Mutant(
+        "sweep_first_threshold_masks",
+        "the sweep scores every threshold with the first threshold's masks",
+        (
+            Edit(
+                "hassod_jax/discovery/sweep.py",
+                'score(lambda res, t=t: res["per_threshold"][t])',
+                'score(lambda res, t=t: res["per_threshold"][0])',
+            ),
+        ),
+        (
+            "tests/discovery/test_pipeline.py::test_sweep_reports_statistics_and_ar_per_threshold",
+            "tests/discovery/test_pipeline_errors.py::"
+            "test_multi_job_sweep_merges_to_the_single_job_sweep",
+            "tests/test_demo.py",
+        ),
+    ),
+]
+
+_IGNORE = shutil.ignore_patterns(
+    ".git", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", "build", "workdir*", ".whl"
+)
+
+# Runs inside the scratch copy: checks what is imported, then runs pytest in the same process.
+_RUNNER = r"""
+import os, sys
+root, junit, ids = sys.argv[1], sys.argv[2], sys.argv[3:]
+import hassod_jax
+want = os.path.realpath(os.path.join(root, "hassod_jax"))
+got = os.path.realpath(os.path.dirname(hassod_jax.__file__))
+if got != want:
+    print(f"mutants: imported hassod_jax from {got}, not from the scratch copy {want}")
+    sys.exit(97)
+
+
+class CheckImports:
+    bad = []
+
+    def pytest_sessionfinish(self, session):
+        for name, module in list(sys.modules.items()):
+            path = getattr(module, "__file__", None)
+            if name.split(".")[0] == "hassod_jax" and path:
+                if not os.path.realpath(path).startswith(want + os.sep):
+                    self.bad.append(f"{name}: {path}")
+
+
+import pytest
+
+check = CheckImports()
+args = ["-q", "-p", "no:cacheprovider", "--tb=line", "-rfE", f"--junitxml={junit}", *ids]
+code = pytest.main(args, plugins=[check])
+if check.bad:
+    print("mutants: modules loaded from outside the scratch copy: " + ", ".join(check.bad))
+    sys.exit(97)
+sys.exit(int(code))
+"""
+
+
+def copy_tree(dst: str) -> None:
+    shutil.copytree(ROOT, dst, ignore=_IGNORE, symlinks=True)
+
+
+def apply(mutant: Mutant, root: str) -> None:
+    for edit in mutant.edits:
+        path = os.path.join(root, edit.path)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        count = text.count(edit.search)
+        if count != 1:
+            raise SystemExit(
+                f"mutant {mutant.name}: the search string occurs {count} times in {edit.path}, "
+                f"not exactly once: {edit.search!r}"
+            )
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text.replace(edit.search, edit.replace))
+
+
+def _node_id(case: ET.Element) -> str:
+    module = case.get("classname", "")
+    parts = module.split(".")
+    # classname is module[.Class]; the module is the longest prefix that is a file here.
+    for k in range(len(parts), 0, -1):
+        path = "/".join(parts[:k]) + ".py"
+        if os.path.exists(os.path.join(ROOT, path)):
+            return "::".join([path, *parts[k:], case.get("name", "")])
+    return f"{module}::{case.get('name', '')}"
+
+
+def run_tests(root: str, ids, timeout: float) -> dict:
+    """Runs pytest ids in `root`; returns counts and the ids that failed or errored."""
+    junit = os.path.join(root, ".mutants_junit.xml")
+    env = {**os.environ, "PYTHONPATH": root, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("CI", None)  # skips stay skips here: the baseline reports them
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-c", _RUNNER, root, junit, *ids],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    seconds = time.perf_counter() - t0
+    if r.returncode not in (0, 1, 2) or not os.path.exists(junit):
+        # 2 is pytest's "interrupted" (e.g. a collection error), which the report shows;
+        # anything else (unknown test id; 97: the import check) is a broken run.
+        raise SystemExit(
+            f"mutants: the test run in {root} failed to run (exit {r.returncode}):\n"
+            f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        )
+    failed, skipped, total = [], [], 0
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        total += 1
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(_node_id(case))
+        elif case.find("skipped") is not None:
+            skipped.append(_node_id(case))
+    return {"total": total, "failed": failed, "skipped": skipped, "seconds": seconds}
+
+
+def _table(rows) -> str:
+    head = ["mutant", "tests run", "caught", "catching tests"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in rows:
+        caught = "yes" if res["failed"] else "NO"
+        catching = "<br>".join(res["failed"]) if res["failed"] else "-"
+        lines.append(f"| {name} | {res['total']} | {caught} | {catching} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmodified run")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copies")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per pytest run")
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutant(s) {unknown}; known: {', '.join(by_name)}")
+    mutants = [by_name[n] for n in args.names] or MUTANTS
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}: {m.description}")
+            for e in m.edits:
+                print(f"    {e.path}: {e.search!r} -> {e.replace!r}")
+            for t in m.tests:
+                print(f"    test: {t}")
+        return 0
+
+    scratch = tempfile.mkdtemp(prefix="hassod_mutants_")
+    try:
+        # Every edit must apply before anything runs.
+        probe = os.path.join(scratch, "probe")
+        copy_tree(probe)
+        for m in mutants:
+            apply(m, probe)
+        shutil.rmtree(probe)
+        if not args.no_baseline:
+            ids = list(dict.fromkeys(t for m in mutants for t in m.tests))
+            base = os.path.join(scratch, "baseline")
+            copy_tree(base)
+            res = run_tests(base, ids, args.timeout)
+            print(
+                f"baseline (unmodified copy): {res['total']} tests, {len(res['failed'])} failed, "
+                f"{len(res['skipped'])} skipped, {res['seconds']:.0f} s",
+                flush=True,
+            )
+            if res["skipped"]:
+                print("  skipped: " + ", ".join(res["skipped"]), flush=True)
+            if res["failed"]:
+                print("  failed: " + ", ".join(res["failed"]), flush=True)
+                raise SystemExit("mutants: the unmodified copy fails; fix that first")
+        rows = []
+        for m in mutants:
+            root = os.path.join(scratch, m.name)
+            copy_tree(root)
+            apply(m, root)
+            res = run_tests(root, m.tests, args.timeout)
+            rows.append((m.name, res))
+            print(
+                f"{m.name}: {res['total']} tests, {len(res['failed'])} failed, "
+                f"{res['seconds']:.0f} s",
+                flush=True,
+            )
+    finally:
+        if args.keep:
+            print(f"scratch copies kept in {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print()
+    for m in mutants:
+        print(f"- {m.name}: {m.description}")
+    print()
+    print(_table(rows))
+    return 0 if all(res["failed"] for _, res in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
