@@ -1,4 +1,5 @@
-"""Small shared utilities: required config fields, atomic writes, metric writing, progress."""
+"""Small shared utilities: user errors, required config fields, atomic writes, metric writing,
+progress."""
 
 import json
 import os
@@ -12,6 +13,10 @@ class ConfigError(ValueError):
     """A config is missing a required field or has an invalid value."""
 
 
+class InputError(ValueError):
+    """An input file named by the user is malformed (the message names the file)."""
+
+
 def require(config, *names, mode=None):
     """Raises ConfigError naming every field in `names` that is unset (None or '')."""
     missing = [n for n in names if n not in config or config[n] in (None, "")]
@@ -23,13 +28,33 @@ def require(config, *names, mode=None):
         )
 
 
+def current_umask():
+    """The process's umask, read without changing it where Linux reports it (os.umask can
+    only be read by setting it, which is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path, data):
-    """Writes `data` to `path` through a temporary file in the same folder and a rename."""
+    """Writes `data` to `path` through a temporary file in the same folder and a rename.
+
+    The file gets the permissions a plain `open(path, "w")` would give it (0o666 less the
+    umask), not the 0o600 of the temporary file.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -52,7 +77,7 @@ def read_json(path, what="JSON file"):
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+        raise InputError(f"{what} {path} is not valid JSON: {e}") from None
 
 
 class MetricWriter:

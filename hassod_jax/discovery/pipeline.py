@@ -295,9 +295,13 @@ def _shard_dir(out_dir, shard, num_shards):
     return os.path.join(out_dir, "work", f"shard_{shard:04d}_of_{num_shards:04d}")
 
 
+def _settings_snapshot(config):
+    return {k: _jsonable(config[k]) for k in _RESULT_FIELDS if k in config}
+
+
 def _check_resume_config(out_dir, config):
-    """Refuses to resume a workdir that was started with other result-changing settings."""
-    snapshot = {k: _jsonable(config[k]) for k in _RESULT_FIELDS if k in config}
+    """Refuses to resume a workdir whose committed work used other result-changing settings."""
+    snapshot = _settings_snapshot(config)
     path = os.path.join(out_dir, "work", "config.json")
     if os.path.exists(path):
         previous = utils.read_json(path, "resume record")
@@ -308,8 +312,15 @@ def _check_resume_config(out_dir, config):
                 f"{out_dir} holds a run with other settings ({lines}); use a fresh --workdir "
                 "or restore the settings to resume it"
             )
-    else:
-        utils.atomic_write_json(path, snapshot, indent=1)
+
+
+def _lock_settings(out_dir, config):
+    """Writes the resume record when the first chunk is about to be committed: a run that fails
+    before it has finished any work (a wrong path, a broken checkpoint) leaves nothing to
+    resume, so its corrected rerun in the same workdir is not refused."""
+    path = os.path.join(out_dir, "work", "config.json")
+    if not os.path.exists(path):
+        utils.atomic_write_json(path, _settings_snapshot(config), indent=1)
 
 
 def _jsonable(v):
@@ -360,6 +371,9 @@ def process_shard(config, out_dir, items, shard, num_shards):
                     pool,
                     progress,
                 )
+                # The settings are locked just before the first commit (not after it: a kill
+                # in between would leave work that a rerun with other settings could mix in).
+                _lock_settings(out_dir, config)
                 utils.atomic_write_json(os.path.join(shard_dir, f"chunk_{k:06d}.json"), record)
             progress.update(0, force=True)
             timing = {
