@@ -4,6 +4,9 @@ Writes `W/sweep/sweep.json` with, per threshold, the mean number of HAC regions 
 (refined) masks per image and, when `config.gt_json` is given, class-agnostic mask AR/AP of
 that threshold's pseudo-labels, of the sweep's full ensemble and of the published ensemble
 (`config.ensemble_thresholds`, when every one of them is in the sweep).
+
+A sweep split over independent jobs (`num_jobs` > 1) writes only shards; the same command with
+`--config.mode=merge_pseudo_labels` joins them and writes `sweep.json` (`pipeline.run_merge`).
 """
 
 import os
