@@ -111,6 +111,16 @@ def training():
     c.val_max_size = 1333
     c.val_batch_size = 1
     c.val_max_images = -1  # -1 = all
+    # PreciseBN (the original's TEST.PRECISE_BN ENABLED True, NUM_ITER 200, run at its
+    # EVAL_PERIOD 5000 and at the last step): BN statistics recomputed over training batches
+    # (copy-paste off, float32, as the original's hook) before the checkpoint and evaluation.
+    # Estimator: "population" (fvcore's since mid-2021, what HASSOD ran) or "mean" (older
+    # fvcore: the average of the batch means and unbiased variances). See train/precise_bn.py.
+    c.precise_bn = True
+    c.precise_bn_every = 5000  # 0 = only at the last step
+    c.precise_bn_iters = 200
+    c.precise_bn_estimator = "population"
+    c.precise_bn_dtype = "float32"
     c.data = ml_collections.ConfigDict(
         dict(
             short_edges=(240, 320, 480, 640, 672, 704, 736, 768, 800, 1024),

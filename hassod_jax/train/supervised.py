@@ -13,6 +13,12 @@ and logs `val/{bbox,segm}/{AP,AP50,AR@100}` and `val/level_accuracy` (the level 
 accuracy on detections whose box overlaps a ground-truth instance with IoU >= 0.5, against
 that instance's `hier_level`). Evaluation reads the state only, so it does not change the
 training trajectory.
+
+PreciseBN (`config.precise_bn`, `train/precise_bn.py`): every `config.precise_bn_every` steps
+and at the last step, after the step and before the checkpoint and the evaluation (detectron2's
+hook order), the batch-norm running statistics are recomputed over `config.precise_bn_iters`
+training batches from a separate loader seeded by (seed, step); params and the training
+iterator are untouched, so a resumed run recomputes the same statistics.
 """
 
 import dataclasses
@@ -29,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hassod_jax import parallel, utils
 from hassod_jax.train import checkpoint as ckpt_lib
-from hassod_jax.train import optim, schedules
+from hassod_jax.train import optim, precise_bn, schedules
 
 
 @flax.struct.dataclass
@@ -40,8 +46,9 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def build_model(config):
-    """The detector described by `config.model` (size 'r50' | 'small') and `config.dtype`."""
+def build_model(config, dtype=None):
+    """The detector described by `config.model` (size 'r50' | 'small') and `config.dtype`
+    (or `dtype`, e.g. PreciseBN's float32: the parameters are the same)."""
     from hassod_jax.models import detector
 
     base = {"r50": detector.DetectorConfig(), "small": detector.SMALL_CONFIG}.get(config.model.size)
@@ -54,7 +61,7 @@ def build_model(config):
         if isinstance(v, list):
             overrides[k] = tuple(v)
     cfg = dataclasses.replace(base, **overrides)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype or config.dtype]
     return detector.CascadeMaskRCNN(cfg, dtype=dtype)
 
 
@@ -263,6 +270,7 @@ def train(config, workdir):
     parallel.maybe_initialize_distributed()
     utils.require(config, "train_json", "images", mode=config.mode)
     eval_on = _eval_enabled(config)
+    precise_bn.check_config(config)
     for name in ("train_json", "images", "resnet_checkpoint"):
         path = config.get(name)
         if path and not os.path.exists(path):
@@ -296,9 +304,10 @@ def train(config, workdir):
     state = jax.device_put(state, replicated)
 
     records = loader.open_records(train_json=config.train_json, images=config.images)
+    train_loader_config = loader_config(config)
     it = loader.make_train_iterator(
         records,
-        loader_config(config),
+        train_loader_config,
         num_steps=config.max_iter,
         start_step=start,
         worker_count=config.data.workers,
@@ -311,6 +320,14 @@ def train(config, workdir):
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
+    pbn = None
+    if config.get("precise_bn", False):
+        pbn = precise_bn.PreciseBN(
+            build_model(config, dtype=config.get("precise_bn_dtype", "float32")),
+            mesh,
+            num_iters=config.precise_bn_iters,
+            estimator=config.get("precise_bn_estimator", "population"),
+        )
     writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
     last_good = checkpointer.latest_step()
     predict_fn = None
@@ -352,6 +369,22 @@ def train(config, workdir):
                         host["lr"],
                         host["images_per_s"],
                     )
+            if pbn is not None and precise_bn.runs_at(
+                done, config.precise_bn_every, config.max_iter
+            ):
+                # As detectron2's hook order: after the step, before the checkpoint and the
+                # evaluation, so both see the recomputed statistics.
+                state = precise_bn.run_for_step(
+                    pbn,
+                    state,
+                    records,
+                    train_loader_config,
+                    done,
+                    worker_count=config.data.workers,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                )
+                t0, n_images = time.perf_counter(), 0  # throughput excludes PreciseBN
             if save_now:
                 checkpointer.save(done, state, it.get_state())
                 last_good = done

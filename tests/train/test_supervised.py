@@ -1,4 +1,5 @@
-"""Detector training: kill-and-resume gives bitwise the same parameters; metrics are written."""
+"""Detector training: kill-and-resume gives bitwise the same parameters and BN statistics;
+metrics are written; PreciseBN runs every N steps and at the last one, before the checkpoint."""
 
 import json
 import os
@@ -34,6 +35,9 @@ def _cmd(dataset, workdir):
         str(workdir),
         f"--config.train_json={gt}",
         f"--config.images={image_dir}",
+        # PreciseBN after steps 2 and 4 (the last), over 2 batches each.
+        "--config.precise_bn_every=2",
+        "--config.precise_bn_iters=2",
     ]
 
 
@@ -49,14 +53,17 @@ def _env(cache):
     }
 
 
-def _params(workdir, step):
+def _state(workdir, step):
     import orbax.checkpoint as ocp
 
     path = os.path.join(workdir, "checkpoints", str(step), "state")
-    tree = ocp.StandardCheckpointer().restore(path)
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def _params(workdir, step, part="params"):
     import jax
 
-    return jax.tree_util.tree_leaves_with_path(tree["params"])
+    return jax.tree_util.tree_leaves_with_path(_state(workdir, step)[part])
 
 
 def test_sigkill_and_resume_reaches_the_same_parameters(dataset, tmp_path):
@@ -108,10 +115,56 @@ def test_sigkill_and_resume_reaches_the_same_parameters(dataset, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming at step" in r.stderr
-    a, b = _params(full, 4), _params(killed, 4)
-    assert [p for p, _ in a] == [p for p, _ in b]
-    for (path, x), (_, y) in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+    for part in ("params", "batch_stats"):
+        a, b = _params(full, 4, part), _params(killed, 4, part)
+        assert [p for p, _ in a] == [p for p, _ in b]
+        for (path, x), (_, y) in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+    _check_precise_bn_schedule(dataset, full)
+
+
+def _check_precise_bn_schedule(dataset, workdir):
+    """The checkpoints of steps 2 and 4 hold PreciseBN's statistics of their own parameters
+    (recomputed here from the same deterministic batches); step 3's do not (they are step 3's
+    momentum update of step 2's)."""
+    import importlib.util
+
+    import jax
+    from jax.sharding import Mesh
+
+    from hassod_jax.data import loader
+    from hassod_jax.train import precise_bn, supervised
+
+    spec = importlib.util.spec_from_file_location("tiny_cfg", CONFIG)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.train_json, c.images = dataset[1], dataset[0]
+    c.precise_bn_iters = 2
+    records = loader.open_records(train_json=c.train_json, images=c.images)
+    pbn = precise_bn.PreciseBN(
+        supervised.build_model(c, dtype="float32"),
+        Mesh(np.array(jax.devices()[:1]), ("data",)),  # one device, as the run
+        num_iters=2,
+    )
+
+    def recomputed(step):
+        st = _state(workdir, step)
+        batches = precise_bn.make_batches(
+            records, supervised.loader_config(c), step, 2, process_index=0, process_count=1
+        )
+        return jax.tree_util.tree_leaves(pbn(st["params"], st["batch_stats"], batches))
+
+    def saved(step):
+        return jax.tree_util.tree_leaves(_state(workdir, step)["batch_stats"])
+
+    for step in (2, 4):
+        for x, y in zip(recomputed(step), saved(step)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert not all(
+        np.allclose(np.asarray(x), np.asarray(y), rtol=1e-3)
+        for x, y in zip(recomputed(3), saved(3))
+    )
 
 
 _NAN_SCRIPT = r"""
