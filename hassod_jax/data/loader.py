@@ -4,8 +4,15 @@ Design (HASSOD_SPEC.md §2.2; detectron2 defaults where it is silent):
 
 * **Records.** `CocoRecords` reads a COCO JSON and an image folder (`tfds_source.py` gives the
   same interface over ArrayRecord files). Crowd annotations are ignored for training and
-  images left without any annotation are skipped (detectron2's `FILTER_EMPTY_ANNOTATIONS`);
+  images left without any annotation are skipped (detectron2's `FILTER_EMPTY_ANNOTATIONS`,
+  which HASSOD's stage 2.2 and both Mean Teacher streams use); `open_records` logs how many;
   `hier_level` is optional (-> 0).
+* **Empty instances.** After the resize and flip an instance whose box has width or height
+  <= 1e-5 or whose mask has no pixel is dropped (detectron2's `filter_empty_instances` in the
+  dataset mapper, `augment.drop_empty`); copy-paste drops the existing instances it hides
+  completely and pasted masks left empty by their downscale (`augment.copy_paste`), and
+  recomputes every box from its mask, so no batch holds an empty instance. An image may end
+  with no instance at all; like detectron2, it stays in the batch (all `valid` False).
 * **A plan fixed by the seed.** The short side of every resize and every flip are drawn,
   together with the shuffling, per epoch from `np.random.default_rng([seed, 0, epoch])`.
   With the image sizes from the JSON this fixes each example's output size, hence its
@@ -178,9 +185,11 @@ class CocoRecords:
                 slim["id"] = ann["id"]
             by_image.setdefault(ann["image_id"], []).append(slim)
         self.images, self.annotations = [], []
+        self.num_dropped = 0  # images without a non-crowd annotation (filter_empty)
         for i, img in enumerate(data["images"]):
             anns = by_image.get(img["id"], [])
             if filter_empty and not anns:
+                self.num_dropped += 1
                 continue
             if "file_name" not in img:
                 raise ValueError(f"{self.source}: images[{i}] (id {img['id']}) has no 'file_name'")
@@ -265,13 +274,34 @@ def open_records(train_json=None, images=None, tfds_dir=None, split="train", fil
     if tfds_dir:
         from hassod_jax.data.tfds_source import ArrayRecordRecords
 
-        return ArrayRecordRecords(tfds_dir, split=split, filter_empty=filter_empty)
-    if not train_json or not images:
-        raise ValueError(
-            "training data: set train_json and images (a COCO JSON file and its "
-            "image folder), or tfds_dir (ArrayRecord shards)"
-        )
-    return CocoRecords(train_json, images, filter_empty=filter_empty)
+        records = ArrayRecordRecords(tfds_dir, split=split, filter_empty=filter_empty)
+        dropped, source = len(records.examples) - len(records), tfds_dir
+    else:
+        if not train_json or not images:
+            raise ValueError(
+                "training data: set train_json and images (a COCO JSON file and its "
+                "image folder), or tfds_dir (ArrayRecord shards)"
+            )
+        records = CocoRecords(train_json, images, filter_empty=filter_empty)
+        dropped, source = records.num_dropped, train_json
+    log_dropped(dropped, len(records), source)
+    return records
+
+
+def log_dropped(dropped, kept, source):
+    """Logs how many images were left out for having no (non-crowd) pseudo-label."""
+    from absl import logging
+
+    total = dropped + kept
+    logging.info(
+        "Training images: %d of %d in %s have no non-crowd annotation and are left out "
+        "(detectron2's FILTER_EMPTY_ANNOTATIONS, %.1f%%); %d remain",
+        dropped,
+        total,
+        source,
+        100.0 * dropped / max(total, 1),
+        kept,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -240,3 +240,101 @@ def test_max_instances_truncation(records):
     b = loader.DetectionBatchSource(records, cfg, 2, 0, 1)[0]
     assert b["valid"].shape == (4, 3) and b["masks"].shape[1] == 3
     assert b["valid"].any(axis=1).all()
+
+
+def _write_images(folder, names, h, w):
+    for name in names:
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(folder / name)
+
+
+def _rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(mask.shape), "counts": rle["counts"].decode()}
+
+
+def test_images_without_pseudo_labels_are_dropped_and_logged(tmp_path, caplog):
+    import logging
+
+    _write_images(tmp_path, ["a.png", "b.png", "c.png", "d.png"], 20, 30)
+    poly = [[2, 2, 12, 2, 12, 8, 2, 8]]
+    ann = {"segmentation": poly, "bbox": [2, 2, 10, 6]}
+    coco = {
+        "images": [
+            {"id": i, "file_name": f"{n}.png", "height": 20, "width": 30}
+            for i, n in enumerate("abcd", start=1)
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, **ann},
+            {"id": 2, "image_id": 3, **ann, "iscrowd": 1},  # only a crowd region: dropped
+            {"id": 3, "image_id": 4, **ann},
+            {"id": 4, "image_id": 4, **ann, "iscrowd": 1},
+        ],  # image 2 has no annotation at all: dropped
+    }
+    path = tmp_path / "pl.json"
+    path.write_text(json.dumps(coco))
+    with caplog.at_level(logging.INFO):
+        rec = loader.open_records(train_json=str(path), images=str(tmp_path))
+    assert rec.image_ids.tolist() == [1, 4] and rec.num_dropped == 2
+    assert "2 of 4" in caplog.text and "left out" in caplog.text
+    every = loader.open_records(train_json=str(path), images=str(tmp_path), filter_empty=False)
+    assert len(every) == 4 and every.num_dropped == 0
+
+
+def test_instances_empty_after_the_transforms_are_dropped(tmp_path):
+    """detectron2's mapper: filter_empty_instances (box width/height > 1e-5, mask non-empty)
+    on the transformed annotations; the reference for the mask is PIL's NEAREST resize, which
+    detectron2's ResizeTransform.apply_segmentation uses."""
+    h, w = 64, 96
+    _write_images(tmp_path, ["a.png"], h, w)
+    big = np.zeros((h, w), bool)
+    big[10:40, 10:50] = True
+    thin = np.zeros((h, w), bool)
+    thin[0, 60:90] = True  # one row, lost when the image is halved
+    other = np.zeros((h, w), bool)
+    other[20:30, 60:80] = True
+    anns = [
+        {"segmentation": _rle(big), "bbox": [10, 10, 40, 30]},
+        {"segmentation": _rle(thin), "bbox": [60, 0, 30, 1]},
+        {"segmentation": _rle(other), "bbox": [60, 20, 0, 10]},  # a zero-width box
+        {"segmentation": _rle(other), "bbox": [60, 20, 20, 10], "hier_level": 1},
+    ]
+    coco = {
+        "images": [{"id": 7, "file_name": "a.png", "height": h, "width": w}],
+        "annotations": [{"id": i, "image_id": 7, **a} for i, a in enumerate(anns)],
+    }
+    # The reference: which transformed masks and boxes are empty at half size.
+    pil = Image.fromarray(thin.astype(np.uint8)).resize((48, 32), Image.NEAREST)
+    assert not np.asarray(pil).any()
+    rec = loader.CocoRecords(coco, str(tmp_path))
+    for flip_prob in (0.0, 1.0):
+        cfg = small_config(
+            global_batch_size=1,
+            short_edges=(32,),
+            buckets=((32, 64),),
+            copy_paste=False,
+            flip_prob=flip_prob,
+        )
+        b = loader.DetectionBatchSource(rec, cfg, 1, 0, 1)[0]
+        assert b["image_sizes"].tolist() == [[32, 48]]
+        assert b["valid"][0].tolist() == [True, True] + [False] * (cfg.max_instances - 2)
+        want = np.array([[5, 5, 25, 20], [30, 10, 40, 15]], np.float32)
+        if flip_prob:
+            want = np.stack([48 - want[:, 2], want[:, 1], 48 - want[:, 0], want[:, 3]], 1)
+        np.testing.assert_allclose(b["boxes"][0, :2], want)
+        assert b["levels"][0, :2].tolist() == [0, 1]
+
+
+def test_no_empty_instance_reaches_a_batch_with_copy_paste(records):
+    cfg = small_config(copy_paste=True)
+    src = loader.DetectionBatchSource(records, cfg, 12, 0, 1)
+    n_instances = 0
+    for k in range(12):
+        b = src[k]
+        for i in range(len(b["valid"])):
+            n = int(b["valid"][i].sum())
+            n_instances += n
+            boxes = b["boxes"][i, :n]
+            assert b["masks"][i, :n].any(axis=(1, 2)).all(), (k, i)
+            assert ((boxes[:, 2] - boxes[:, 0]) > 1e-5).all(), (k, i)
+            assert ((boxes[:, 3] - boxes[:, 1]) > 1e-5).all(), (k, i)
+    assert n_instances > 0
