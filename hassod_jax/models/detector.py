@@ -91,6 +91,9 @@ class DetectorConfig:
     num_levels: int = 3
     use_droploss: bool = True
     droploss_iou_thresh: float = 0.01
+    # 'original': the matched gt of the first K sampled rows (HASSOD's code); 'all_gt': every
+    # pseudo-label box (CutLER's description). See CascadeMaskRCNN._droploss.
+    droploss_reference: str = "original"
     test_nms_thresh: float = 0.5
     test_score_thresh: float = 0.0
     # HASSOD's jobs set TEST.DETECTIONS_PER_IMAGE 1000 for every evaluation.
@@ -218,7 +221,10 @@ class CascadeMaskRCNN(nn.Module):
         return (logits, deltas, anchors), (boxes, scores, valid)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, images, targets=None, *, train: bool = False, rng=None, image_sizes=None):
+    def __call__(
+        self, images, targets=None, *, train: bool = False, rng=None, image_sizes=None,
+        proposals=None,
+    ):
         """Args:
           images: (B, H, W, 3) normalised (see `normalize_images`), H and W multiples of 32.
           targets (training): {"boxes" (B, G, 4) xyxy image pixels, "masks" (B, G, Hm, Wm)
@@ -228,6 +234,9 @@ class CascadeMaskRCNN(nn.Module):
           rng: PRNG key for the samplers (training only).
           image_sizes: (B, 2) int (height, width) of each image's content inside the
             padding, used for clipping; default (H, W).
+          proposals: optional (boxes (B, P, 4), valid (B, P)) replacing the RPN's proposals
+            (teacher forcing, e.g. against a reference implementation's own proposals); the
+            RPN losses are computed as usual.
         Returns:
           train: {loss name: float32 scalar}.
           test: {"boxes" (B, D, 4) xyxy, "scores" (B, D), "level_probs" (B, D, L),
@@ -250,6 +259,10 @@ class CascadeMaskRCNN(nn.Module):
         if self.is_initializing():
             return self._init_heads(feats)
         (logits, deltas, anchors), (props, _, pvalid) = self._proposals(feats, image_sizes, train)
+        if proposals is not None:
+            props = jnp.asarray(proposals[0], jnp.float32)
+            pvalid = jnp.asarray(proposals[1], bool)
+            props = jnp.where(pvalid[..., None], props, 0.0)
         if train:
             return self._losses(
                 feats, logits, deltas, anchors, props, pvalid, targets, image_sizes, rng, (h, w)
@@ -346,9 +359,14 @@ class CascadeMaskRCNN(nn.Module):
             pred_boxes = coder.decode(dl, boxes)
             weights = None
             if cfg.use_droploss:
-                weights = jax.vmap(
-                    lambda pb, gb, gv: L.droploss_weights(pb, gb, gv, cfg.droploss_iou_thresh)
-                )(jax.lax.stop_gradient(pred_boxes), gt_boxes, gt_valid)
+                weights = self._droploss(pred_boxes, valid, matched, gt_boxes, gt_valid)
+            self.sow(
+                "intermediates",
+                f"stage{k}",
+                dict(boxes=boxes, valid=valid, is_fg=is_fg, matched=matched, cls=cls,
+                     deltas=dl, levels=lvl, pred_boxes=pred_boxes,
+                     weights=weights if weights is not None else jnp.ones_like(cls[..., 0])),
+            )
             out[f"stage{k}/cls"], out[f"stage{k}/box"] = L.fast_rcnn_losses(
                 cls, dl, gt_deltas, is_fg, valid, weights
             )
@@ -369,7 +387,40 @@ class CascadeMaskRCNN(nn.Module):
             gt_masks, mboxes, mmatched
         )
         out["mask"] = L.mask_loss(mask_logits, mask_gt, mfg)
+        self.sow(
+            "intermediates",
+            "mask",
+            dict(boxes=mboxes, matched=mmatched, is_fg=mfg, logits=mask_logits, targets=mask_gt),
+        )
+        self.sow("intermediates", "rpn", dict(labels=labels))
         return out
+
+    def _droploss(self, pred_boxes, valid, matched, gt_boxes, gt_valid):
+        """DropLoss weights (B, R) of one stage, or None when off for this batch.
+
+        'original' (HASSOD's `CustomCascadeROIHeads._forward_box`): the reference boxes are the
+        matched ground truth of the first K rows in the sampler's order (positives, then
+        negatives; K = the number of distinct boxes among the first 100); 'all_gt' (CutLER's
+        description): every valid ground-truth box. As in the original, DropLoss is off for
+        the whole batch when an image has no ground truth.
+        """
+        cfg = self.config
+        pb = jax.lax.stop_gradient(pred_boxes)
+        if cfg.droploss_reference == "original":
+            w = jax.vmap(
+                lambda p, m, v: L.droploss_weights_original(p, m, v, cfg.droploss_iou_thresh)
+            )(pb, _take(gt_boxes, matched), valid)
+        elif cfg.droploss_reference == "all_gt":
+            w = jax.vmap(lambda p, g, v: L.droploss_weights(p, g, v, cfg.droploss_iou_thresh))(
+                pb, gt_boxes, gt_valid
+            )
+        else:
+            raise ValueError(
+                "DetectorConfig.droploss_reference must be 'original' or 'all_gt', got "
+                f"{cfg.droploss_reference!r}"
+            )
+        every_image_has_gt = jnp.all(jnp.any(gt_valid, axis=1))
+        return jnp.where(every_image_has_gt, w, 1.0)
 
     def box_stage(self, feats, boxes, k: int):
         """Cascade stage `k` on given boxes: feats from `features`, boxes (B, R, 4) xyxy input

@@ -85,6 +85,44 @@ def droploss_weights(pred_boxes, gt_boxes, gt_valid, iou_threshold: float = 0.01
     return (jnp.max(iou, axis=1, initial=-1.0) > iou_threshold).astype(jnp.float32)
 
 
+def droploss_weights_original(
+    pred_boxes, matched_gt_boxes, valid, iou_threshold: float = 0.01, first: int = 100
+):
+    """DropLoss weights of ONE image's rows as HASSOD's code computes them
+    (`custom_cascade_rcnn.py`, `_forward_box`): K = the number of distinct boxes among the
+    matched-gt boxes of the first `first` rows; the reference set is the matched gt of the
+    first K rows (it may repeat one gt and miss others); weight 0 where the row's predicted
+    box has max IoU <= `iou_threshold` with the reference set, else 1.
+
+    Args:
+      pred_boxes: (R, 4) xyxy decoded (unclipped) boxes of the rows.
+      matched_gt_boxes: (R, 4) each row's matched gt box (also for background rows).
+      valid: (R,) bool; the rows' order is the sampler's (positives, then negatives), and
+        invalid slots are skipped when counting the first rows.
+    Returns:
+      (R,) float32 in {0, 1} (1 on invalid rows; they carry no loss anyway).
+    """
+    from hassod_jax.ops import box_iou
+
+    r = valid.shape[0]
+    rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
+    n = min(int(first), r)
+    # The first n valid rows, in order.
+    key = jnp.where(valid, rank, r + jnp.arange(r))
+    head = jnp.argsort(key)[:n]
+    head_ok = valid[head] & (rank[head] < n)
+    head_boxes = _f32(matched_gt_boxes)[head]
+    same = jnp.all(head_boxes[:, None, :] == head_boxes[None, :, :], axis=-1)
+    earlier = jnp.tril(jnp.ones((n, n), bool), k=-1)
+    seen = jnp.any(same & earlier & head_ok[None, :], axis=1)
+    k = jnp.sum(head_ok & ~seen)
+    ref_ok = head_ok & (jnp.arange(n) < k)
+    iou = box_iou(_f32(pred_boxes), head_boxes)  # (R, n)
+    iou_max = jnp.max(jnp.where(ref_ok[None, :], iou, -1.0), axis=1, initial=-1.0)
+    w = (iou_max > iou_threshold).astype(jnp.float32)
+    return jnp.where(valid, w, 1.0)
+
+
 def fast_rcnn_losses(cls_logits, pred_deltas, gt_deltas, is_fg, valid, cls_weights=None):
     """One cascade stage's classification and box losses over a batch.
 
