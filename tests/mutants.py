@@ -95,6 +95,75 @@ MUTANTS = [
             "tests/test_demo.py",
         ),
     ),
+    Mutant(
+        "cascade_no_grad_scaling_sigmoid_scores",
+        "the cascade without its 1/3 gradient scaling AND sigmoid instead of softmax scores",
+        (
+            Edit(
+                "hassod_jax/models/detector.py",
+                "self._pool(feats, boxes, cfg.box_pooler_resolution), 1.0 / cfg.num_stages",
+                "self._pool(feats, boxes, cfg.box_pooler_resolution), 1.0",
+            ),
+            Edit(
+                "hassod_jax/models/detector.py",
+                "score_sum = score_sum + jax.nn.softmax(cls, axis=-1)[..., 0]",
+                "score_sum = score_sum + jax.nn.sigmoid(cls[..., 0])",
+            ),
+        ),
+        (
+            "tests/models/test_d2_parity.py",
+            "tests/models/test_d2_train_step.py",
+            "tests/models/test_detector.py",
+        ),
+    ),
+    Mutant(
+        "cascade_no_grad_scaling",
+        "the cascade without its 1/3 gradient scaling (training only)",
+        (
+            Edit(
+                "hassod_jax/models/detector.py",
+                "self._pool(feats, boxes, cfg.box_pooler_resolution), 1.0 / cfg.num_stages",
+                "self._pool(feats, boxes, cfg.box_pooler_resolution), 1.0",
+            ),
+        ),
+        ("tests/models/test_d2_train_step.py",),
+    ),
+    Mutant(
+        "levels_sigmoid_average",
+        "test-time level probabilities averaged as sigmoids (our old rule) instead of softmaxes",
+        (
+            Edit(
+                "hassod_jax/models/detector.py",
+                "level_sum = level_sum + jax.nn.softmax(lvl, axis=-1)",
+                "level_sum = level_sum + jax.nn.sigmoid(lvl)",
+            ),
+        ),
+        ("tests/models/test_d2_parity.py",),
+    ),
+    Mutant(
+        "roi_align_per_axis_cap_8",
+        "adaptive ROIAlign capped at 8 samples per axis (the old rule; thin boxes approximated)",
+        (
+            Edit(
+                "hassod_jax/ops/roi_align.py",
+                "gh, gw = _fit_to_cap(gh, gw, int(max_sampling))",
+                "gh, gw = jnp.minimum(gh, 8), jnp.minimum(gw, 8)",
+            ),
+        ),
+        ("tests/models/test_d2_parity.py", "tests/ops/test_roi_align.py"),
+    ),
+    Mutant(
+        "droploss_all_gt",
+        "DropLoss against every pseudo-label box instead of the original's reference set",
+        (
+            Edit(
+                "hassod_jax/models/detector.py",
+                'droploss_reference: str = "original"',
+                'droploss_reference: str = "all_gt"',
+            ),
+        ),
+        ("tests/models/test_d2_train_step.py",),
+    ),
 ]
 
 _IGNORE = shutil.ignore_patterns(
