@@ -32,8 +32,10 @@ def clip_by_norm_per_tensor(max_norm):
 def is_norm_param(path):
     """True for BatchNorm/LayerNorm/GroupNorm scale and bias leaves (flax names)."""
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    # The detector's BatchNorms are norm1..3, norm (FPN), stem_norm and shortcut_norm.
     return any(
-        n.startswith(("BatchNorm", "LayerNorm", "GroupNorm", "norm", "bn")) for n in names[:-1]
+        n.startswith(("BatchNorm", "LayerNorm", "GroupNorm", "norm", "bn")) or n.endswith("_norm")
+        for n in names[:-1]
     )
 
 

@@ -56,11 +56,6 @@ def _path(keys):
     return tuple(str(getattr(k, "key", k)) for k in keys)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optim.is_norm_param only matches names starting with 'norm'/'bn'/...: the "
-    "backbone's stem_norm and shortcut_norm BatchNorms get weight decay (reported to the lead)",
-)
 @pytest.mark.parametrize("size", ["small", "r50"])
 def test_weight_decay_is_zero_on_every_batchnorm_parameter_and_only_there(size):
     _, model = _model(size)
