@@ -137,3 +137,49 @@ def training():
         )
     )
     return c
+
+
+def mean_teacher():
+    """Stage 2.3, Mean Teacher, as the original runs it (cascade_mask_rcnn_R_50_FPN_MT.yaml and
+    4_mean_teacher.sh; HASSOD_SPEC 2.3)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "mean_teacher"
+    # The stage-2.2 detector both student and teacher start from: a training workdir of ours
+    # (its newest checkpoint), an orbax step or exported model directory, or a detectron2/HASSOD
+    # .pth (its PreciseBN statistics come with it).
+    c.init_checkpoint = config_dict.placeholder(str)
+    c.init_which = "student"  # for Mean Teacher .pth files holding both
+    c.train_json = config_dict.placeholder(str)  # the stage-1 pseudo-labels (both streams)
+    c.images = config_dict.placeholder(str)
+    # Widths come from init_checkpoint; these override the rest (the original turns DropLoss off).
+    c.model = ml_collections.ConfigDict({"use_droploss": False})
+    c.dtype = "float32"  # the original's MT step is not mixed precision
+    c.batch_size_label = 8  # global, over all devices and hosts
+    c.batch_size_unlabel = 8
+    c.max_iter = 2000
+    c.base_lr = 0.01  # WarmupCosineLR: 1000 warmup steps, so the peak is 0.005 at step 1000
+    c.warmup_iters = 1000
+    c.warmup_factor = 0.001
+    c.momentum = 0.9
+    c.weight_decay = 5e-5
+    c.clip_norm = 1.0
+    c.ema_keep = 0.9996  # teacher <- keep * teacher + (1 - keep) * student, every step
+    c.score_thresh = 0.7  # teacher detections with score > this become targets
+    c.coverage = 0.75  # θ_cover of the level tree on the teacher's masks
+    c.max_targets = 100  # target slots per image (the highest-scoring kept detections)
+    c.sup_weight = 1.0  # w_sup = sup_weight * (1 + cos(pi t / T)) / 2
+    c.unsup_weight = 2.0  # w_unsup = unsup_weight + 1 - w_sup
+    c.seed = 0
+    c.log_every = 20
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.val_json = ""
+    c.val_images = ""
+    c.eval_every = 500  # student AND teacher are evaluated
+    c.val_short_edge = 800
+    c.val_max_size = 1333
+    c.val_batch_size = 1
+    c.val_max_images = -1
+    c.data = training().data
+    c.data.copy_paste = False
+    return c

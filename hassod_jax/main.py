@@ -16,6 +16,7 @@ MODES = {
     "merge_pseudo_labels": "hassod_jax.discovery.pipeline:run_merge",
     "demo": "hassod_jax.demo:run",
     "train": "hassod_jax.train.supervised:run",
+    "mean_teacher": "hassod_jax.train.mean_teacher:run",
     "evaluate": "hassod_jax.evaluate.coco_eval:run",
 }
 

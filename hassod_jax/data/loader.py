@@ -82,7 +82,7 @@ DEFAULT_BUCKETS = (
     (1344, 800),
     (1344, 1024),
 )
-_PLAN_TAG, _PASTE_TAG = 0, 1
+_PLAN_TAG, _PASTE_TAG, _STRONG_TAG = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +106,9 @@ class LoaderConfig:
     pixel_mean: Sequence[float] = PIXEL_MEAN
     pixel_std: Sequence[float] = PIXEL_STD
     pack_masks: bool = False
+    # Mean Teacher: each example also carries a strong view ("images_strong"), the weak
+    # view (the resized, flipped image) through `strong_augment.strong_view`, same geometry.
+    strong_views: bool = False
 
     def validate(self):
         if self.global_batch_size < 1:
@@ -454,17 +457,27 @@ def pad_examples(examples, bucket_hw, config, image_ids=None):
     valid = np.zeros((b, g), dtype=bool)
     mean = np.asarray(config.pixel_mean, dtype=np.float32)
     inv_std = 1.0 / np.asarray(config.pixel_std, dtype=np.float32)
+    strong = np.zeros_like(images) if examples and "image_strong" in examples[0] else None
+
+    def put(dst, i, img):
+        h, w = img.shape[:2]
+        if config.image_dtype == "float32":
+            x = img.astype(np.float32)  # contiguous temporary: faster than strided ops
+            x -= mean
+            x *= inv_std
+            dst[i, :h, :w] = x
+        else:
+            dst[i, :h, :w] = img
+
     for i, ex in enumerate(examples):
         h, w = ex["image"].shape[:2]
         if h > hb or w > wb:
             raise ValueError(f"example {i} of size {h}x{w} does not fit bucket {hb}x{wb}")
-        if config.image_dtype == "float32":
-            x = ex["image"].astype(np.float32)  # contiguous temporary: faster than strided ops
-            x -= mean
-            x *= inv_std
-            images[i, :h, :w] = x
-        else:
-            images[i, :h, :w] = ex["image"]
+        put(images, i, ex["image"])
+        if strong is not None:
+            if ex["image_strong"].shape != ex["image"].shape:
+                raise ValueError(f"example {i}: the strong view's shape differs from the weak's")
+            put(strong, i, ex["image_strong"])
         sizes[i] = (h, w)
         n = len(ex["masks"])
         if n > g:
@@ -486,6 +499,8 @@ def pad_examples(examples, bucket_hw, config, image_ids=None):
         "levels": levels,
         "valid": valid,
     }
+    if strong is not None:
+        out["images_strong"] = strong
     out["image_ids"] = (
         np.zeros((b,), np.int64) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
     )
@@ -592,6 +607,14 @@ class DetectionBatchSource:
                 random_num=cfg.copy_paste_random_num,
                 max_instances=cfg.max_instances,
             )
+        if cfg.strong_views:
+            from hassod_jax.data import strong_augment
+
+            examples = [
+                {**ex, "image_strong": strong_augment.strong_view(
+                    ex["image"], np.random.default_rng([cfg.seed, _STRONG_TAG, k, lo + i]))}
+                for i, ex in enumerate(examples)
+            ]
         ids = self.records.image_ids[rows[:, 0]]
         return pad_examples(examples, self.plan.buckets[b], cfg, image_ids=ids)
 

@@ -223,14 +223,17 @@ class CascadeMaskRCNN(nn.Module):
     # ------------------------------------------------------------------ forward
     def __call__(
         self, images, targets=None, *, train: bool = False, rng=None, image_sizes=None,
-        proposals=None,
+        proposals=None, losses: bool | None = None,
     ):
         """Args:
           images: (B, H, W, 3) normalised (see `normalize_images`), H and W multiples of 32.
           targets (training): {"boxes" (B, G, 4) xyxy image pixels, "masks" (B, G, Hm, Wm)
             bool at image size (or uniformly downscaled), "levels" (B, G) int in
             [0, num_levels), "valid" (B, G) bool}.
-          train: training mode (BN batch statistics, sampling, losses).
+          train: training mode: batch norm with batch statistics and the RPN's training
+            top-k (detectron2's `self.training`).
+          losses: compute the losses (default: `train`). `train=True, losses=False` is Mean
+            Teacher's teacher: training-mode batch norm and RPN, the test-time ROI path.
           rng: PRNG key for the samplers (training only).
           image_sizes: (B, 2) int (height, width) of each image's content inside the
             padding, used for clipping; default (H, W).
@@ -238,8 +241,8 @@ class CascadeMaskRCNN(nn.Module):
             (teacher forcing, e.g. against a reference implementation's own proposals); the
             RPN losses are computed as usual.
         Returns:
-          train: {loss name: float32 scalar}.
-          test: {"boxes" (B, D, 4) xyxy, "scores" (B, D), "level_probs" (B, D, L),
+          losses: {loss name: float32 scalar}.
+          otherwise: {"boxes" (B, D, 4) xyxy, "scores" (B, D), "level_probs" (B, D, L),
             "levels" (B, D) int32 argmax, "masks" (B, D, 28, 28) probabilities in the box,
             "valid" (B, D) bool, "index" (B, D) proposal index (-1 when invalid)},
             D = detections_per_image, by descending score.
@@ -250,8 +253,11 @@ class CascadeMaskRCNN(nn.Module):
                 f"CascadeMaskRCNN: images must be (B, H, W, 3) with H, W multiples of 32, "
                 f"got {images.shape}"
             )
-        if train and (targets is None or rng is None):
-            raise ValueError("CascadeMaskRCNN: train=True needs `targets` and `rng`")
+        losses = train if losses is None else losses
+        if losses and not train:
+            raise ValueError("CascadeMaskRCNN: losses=True needs train=True")
+        if losses and (targets is None or rng is None):
+            raise ValueError("CascadeMaskRCNN: computing losses needs `targets` and `rng`")
         if image_sizes is None:
             image_sizes = jnp.tile(jnp.asarray([[h, w]], jnp.int32), (b, 1))
         image_sizes = jnp.asarray(image_sizes).astype(jnp.float32)
@@ -263,7 +269,7 @@ class CascadeMaskRCNN(nn.Module):
             props = jnp.asarray(proposals[0], jnp.float32)
             pvalid = jnp.asarray(proposals[1], bool)
             props = jnp.where(pvalid[..., None], props, 0.0)
-        if train:
+        if losses:
             return self._losses(
                 feats, logits, deltas, anchors, props, pvalid, targets, image_sizes, rng, (h, w)
             )

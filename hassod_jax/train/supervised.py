@@ -172,12 +172,13 @@ def shard_batch(batch, sharding):
     }
 
 
-def loader_config(config):
+def loader_config(config, **overrides):
+    """LoaderConfig from config.data (+ batch size and seed); `overrides` replace fields."""
     from hassod_jax.data import loader
 
     d = config.data
-    return loader.LoaderConfig(
-        global_batch_size=config.batch_size,
+    fields = dict(
+        global_batch_size=config.get("batch_size", 1),
         seed=config.seed,
         short_edges=tuple(d.short_edges),
         max_size=d.max_size,
@@ -191,6 +192,7 @@ def loader_config(config):
         image_dtype="uint8",
         pack_masks=d.pack_masks,
     )
+    return loader.LoaderConfig(**{**fields, **overrides})
 
 
 def _eval_enabled(config):
@@ -263,6 +265,36 @@ def _subset_gt(data, image_ids):
     }
 
 
+def host_metrics(metrics, done, checkpointer, last_good):
+    """The step's metrics as Python floats; a non-finite total loss stops the run with an
+    error naming the last good checkpoint (none is written after it)."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(host["total_loss"]):
+        bad = {k: v for k, v in host.items() if not np.isfinite(v)}
+        where = f"step {last_good} in {checkpointer.directory}" if last_good else "none yet"
+        raise FloatingPointError(
+            f"Non-finite loss at step {done}: {bad}. Stopping; last good checkpoint: {where}"
+        )
+    return host
+
+
+def log_parameters(params):
+    """clu's parameter overview (names, shapes, sizes, statistics) in the log, process 0."""
+    if jax.process_index() == 0:
+        from clu import parameter_overview
+
+        logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(params))
+
+
+def eta_text(done, start, total, seconds):
+    """'ETA 1h02m' from the steps done since `start` in `seconds`."""
+    if done <= start or seconds <= 0:
+        return "ETA ?"
+    left = (total - done) * seconds / (done - start)
+    h, rem = divmod(int(left), 3600)
+    return f"ETA {h}h{rem // 60:02d}m" if h else f"ETA {rem // 60}m{rem % 60:02d}s"
+
+
 def train(config, workdir):
     """Runs (or resumes) training; returns the final state and the last logged metrics."""
     from hassod_jax.data import loader
@@ -329,6 +361,7 @@ def train(config, workdir):
             estimator=config.get("precise_bn_estimator", "population"),
         )
     writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
+    log_parameters(state.params)
     last_good = checkpointer.latest_step()
     predict_fn = None
     if eval_on and jax.process_index() == 0:
@@ -336,6 +369,7 @@ def train(config, workdir):
 
         predict_fn = predict.make_predict_fn(model)
     metrics, t0, n_images = {}, time.perf_counter(), 0
+    t_start = t0
     try:
         for step in range(start, config.max_iter):
             batch = next(it)
@@ -345,16 +379,7 @@ def train(config, workdir):
             log_now = done % config.log_every == 0 or done == config.max_iter
             save_now = done % config.checkpoint_every == 0 or done == config.max_iter
             if log_now or save_now:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(host["total_loss"]):
-                    bad = {k: v for k, v in host.items() if not np.isfinite(v)}
-                    where = (
-                        f"step {last_good} in {checkpointer.directory}" if last_good else "none yet"
-                    )
-                    raise FloatingPointError(
-                        f"Non-finite loss at step {done}: {bad}. Stopping; "
-                        f"last good checkpoint: {where}"
-                    )
+                host = host_metrics(metrics, done, checkpointer, last_good)
                 elapsed = time.perf_counter() - t0
                 host["images_per_s"] = n_images / max(elapsed, 1e-9)
                 t0, n_images = time.perf_counter(), 0
@@ -362,12 +387,13 @@ def train(config, workdir):
                 if writer is not None and log_now:
                     writer.write_scalars(done, host)
                     logging.info(
-                        "step %d/%d: loss %.4f, lr %.5f, %.1f images/s",
+                        "step %d/%d: loss %.4f, lr %.5f, %.1f images/s, %s",
                         done,
                         config.max_iter,
                         host["total_loss"],
                         host["lr"],
                         host["images_per_s"],
+                        eta_text(done, start, config.max_iter, time.perf_counter() - t_start),
                     )
             if pbn is not None and precise_bn.runs_at(
                 done, config.precise_bn_every, config.max_iter

@@ -1,0 +1,408 @@
+"""mode=mean_teacher: HASSOD's Mean Teacher self-training (HASSOD_SPEC 2.3), as the original
+code runs it (engine/mt_trainer.py, read line by line in our docs):
+
+- the student and the teacher start as the stage-2.2 detector; the optimizer starts fresh;
+- each step begins with the EMA, teacher <- keep * teacher + (1 - keep) * student over the
+  parameters AND the batch-norm statistics (keep 0.9996; a plain copy at step 0);
+- the teacher runs on the WEAK views of the "unlabel" images with training-mode batch norm
+  (batch statistics, which also move its running statistics) and the RPN's training top-k,
+  then the test-time ROI path (stage-averaged softmax scores, last-stage boxes, NMS, top 1000);
+  its detections with score > 0.7 become targets: boxes, 28 x 28 masks pasted at the weak
+  view's padded size at 0.5, and levels recomputed by the coverage tree at 0.75 (the teacher's
+  own level head is ignored);
+- the student is trained on the strong AND weak views of the "label" images against the
+  stage-1 pseudo-labels (every stage-2.2 loss) x w_sup, and on the STRONG views of the unlabel
+  images against the teacher's targets (RPN, and each stage's class, box and level losses)
+  x w_unsup; the unlabeled mask loss is weighted 0; DropLoss and copy-paste are off;
+  w_sup = (1 + cos(pi t / T)) / 2, w_unsup = 3 - w_sup;
+- SGD as stage 2.2 with detectron2's WarmupCosineLR as the original sets it (2000 steps, a
+  1000-step warmup, so the peak LR is 0.005), float32;
+- the model kept at the end is the STUDENT.
+
+Everything from the EMA to the optimizer update is one jitted step over the Mesh.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from hassod_jax import ops, parallel, utils
+from hassod_jax.discovery.hierarchy import hierarchy_levels_padded
+from hassod_jax.train import checkpoint as ckpt_lib
+from hassod_jax.train import optim, schedules, supervised
+
+EMA_KEEP = 0.9996
+SCORE_THRESH = 0.7
+COVERAGE = 0.75
+
+
+def ema_update(teacher, student, step, keep: float = EMA_KEEP):
+    """teacher <- keep * teacher + (1 - keep) * student, leaf by leaf; at step 0 a copy
+    (the original's `_update_teacher_model(keep_rate=0.0)` at the burn-up step)."""
+    k = jnp.where(jnp.asarray(step) == 0, 0.0, keep).astype(jnp.float32)
+    return jax.tree_util.tree_map(
+        lambda t, s: (k * t.astype(jnp.float32) + (1.0 - k) * s.astype(jnp.float32)).astype(
+            t.dtype
+        ),
+        teacher,
+        student,
+    )
+
+
+def teacher_targets(
+    det, height: int, width: int, *, score_thresh=SCORE_THRESH, coverage=COVERAGE, max_targets=100
+):
+    """Targets for the student from the teacher's detections of ONE image.
+
+    Args:
+      det: {"boxes" (D, 4) xyxy, "scores" (D,), "valid" (D,) bool, "masks" (D, M, M) mask
+        probabilities in the box}, by descending score (`CascadeMaskRCNN` inference output).
+      height, width: static size the masks are pasted at (the weak view's padded size).
+      score_thresh: detections with score STRICTLY above it are kept (the original's `>`).
+      coverage: θ_cover of the level tree.
+      max_targets: static number of target slots (the highest-scoring kept detections).
+    Returns:
+      {"boxes" (T, 4), "masks" (T, height, width) bool, "levels" (T,) int32, "valid" (T,),
+       "num_kept" () int32 (before the cap)}, T = max_targets.
+    """
+    keep = det["valid"] & (det["scores"] > score_thresh)
+    t = min(int(max_targets), keep.shape[0])
+    order = jnp.argsort(jnp.logical_not(keep).astype(jnp.int32), stable=True)[:t]
+    valid = keep[order]
+    boxes = jnp.where(valid[:, None], det["boxes"][order], 0.0)
+    masks = ops.paste_masks_in_image(det["masks"][order], boxes, height, width, 0.5)
+    masks = masks & valid[:, None, None]
+    levels, _ = hierarchy_levels_padded(masks, valid, coverage)
+    return {
+        "boxes": boxes,
+        "masks": masks,
+        "levels": jnp.where(valid, levels, 0).astype(jnp.int32),
+        "valid": valid,
+        "num_kept": jnp.sum(keep.astype(jnp.int32)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+
+
+@flax.struct.dataclass
+class MTState:
+    """Student (params, batch_stats, opt_state) and the EMA teacher, one pytree."""
+
+    step: jnp.ndarray
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+    teacher_params: dict
+    teacher_batch_stats: dict
+
+
+def init_mt_state(variables, tx):
+    """Student = teacher = `variables` ({"params", "batch_stats"}); a fresh optimizer."""
+    params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+    stats = jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"])
+    return MTState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=stats,
+        opt_state=tx.init(params),
+        teacher_params=jax.tree_util.tree_map(jnp.copy, params),
+        teacher_batch_stats=jax.tree_util.tree_map(jnp.copy, stats),
+    )
+
+
+def _images(batch, key):
+    from hassod_jax.data import loader
+
+    x = batch[key]
+    if x.dtype == jnp.uint8:
+        x = loader.normalize_padded(x, batch["image_sizes"])
+    return x
+
+
+def _gt(batch, width):
+    from hassod_jax.data import loader
+
+    masks = batch["masks"]
+    if masks.dtype == jnp.uint8:  # bit-packed by the loader
+        masks = loader.unpack_masks(masks, width)
+    return {"boxes": batch["boxes"], "masks": masks, "levels": batch["levels"],
+            "valid": batch["valid"]}
+
+
+def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
+                 score_thresh=SCORE_THRESH, coverage=COVERAGE, max_targets=100,
+                 sup_weight=1.0, unsup_weight=2.0):
+    """(state, label_batch, unlabel_batch, rng) -> (state, metrics).
+
+    Each batch as the loader emits it, with the weak view in "images" and the strong view
+    (same geometry) in "images_strong"; the unlabel batch's own instances are not used.
+    """
+    from hassod_jax.train.schedules import adaptive_loss_weights
+
+    def step_fn(state, label, unlabel, rng):
+        t = state.step
+        key = jax.random.fold_in(rng, t)
+        k_sup, k_unsup = jax.random.split(key)
+        # 1. EMA at the start of the step (a copy at step 0).
+        teacher = ema_update(
+            {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats},
+            {"params": state.params, "batch_stats": state.batch_stats},
+            t,
+            ema_keep,
+        )
+        # 2. The teacher on the weak unlabel views: training-mode BN and RPN, test ROI path.
+        weak_u = _images(unlabel, "images")
+        det, t_vars = model.apply(
+            teacher, weak_u, train=True, losses=False, image_sizes=unlabel["image_sizes"],
+            mutable=["batch_stats"],
+        )
+        det = jax.lax.stop_gradient(det)
+        hp, wp = weak_u.shape[1:3]
+        # 3. Targets.
+        tg = jax.vmap(
+            lambda d: teacher_targets(d, hp, wp, score_thresh=score_thresh, coverage=coverage,
+                                      max_targets=max_targets)
+        )(det)
+        # 4. Student: supervised on strong + weak label views, unsupervised on strong unlabel.
+        sup_x = jnp.concatenate([_images(label, "images_strong"), _images(label, "images")])
+        gt = _gt(label, label["images"].shape[2])
+        sup_t = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), gt)
+        sup_sizes = jnp.concatenate([label["image_sizes"], label["image_sizes"]])
+        unsup_x = _images(unlabel, "images_strong")
+        unsup_t = {k: tg[k] for k in ("boxes", "masks", "levels", "valid")}
+        w_sup, w_unsup = adaptive_loss_weights(t, total_steps, sup_weight, unsup_weight)
+
+        def loss_fn(params):
+            sup, v1 = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, sup_x, sup_t, train=True,
+                rng=k_sup, image_sizes=sup_sizes, mutable=["batch_stats"],
+            )
+            unsup, v2 = model.apply(
+                {"params": params, "batch_stats": v1["batch_stats"]}, unsup_x, unsup_t,
+                train=True, rng=k_unsup, image_sizes=unlabel["image_sizes"],
+                mutable=["batch_stats"],
+            )
+            # The original weights the unlabeled mask loss 0 (it is logged, not trained).
+            total = w_sup * sum(sup.values()) + w_unsup * sum(
+                v for k, v in unsup.items() if k != "mask"
+            )
+            return total, (sup, unsup, v2["batch_stats"])
+
+        (total, (sup, unsup, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **{f"sup/{k}": v for k, v in sup.items()},
+            **{f"unsup/{k}": v for k, v in unsup.items()},
+            "total_loss": total,
+            "w_sup": w_sup,
+            "w_unsup": w_unsup,
+            "lr": schedule(t),
+            "teacher/targets_per_image": jnp.mean(jnp.sum(tg["valid"], axis=1)),
+            "teacher/kept_per_image": jnp.mean(tg["num_kept"].astype(jnp.float32)),
+        }
+        new = MTState(
+            step=t + 1, params=params, batch_stats=stats, opt_state=opt_state,
+            teacher_params=teacher["params"], teacher_batch_stats=t_vars["batch_stats"],
+        )
+        return new, metrics
+
+    return step_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+_KEYS = ("images", "images_strong", "image_sizes", "boxes", "masks", "levels", "valid")
+
+
+def _shard(batch, sharding):
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in _KEYS
+    }
+
+
+def build_model(config):
+    """The student/teacher architecture from `config.init_checkpoint` (widths from its shapes),
+    with config.model's overrides (DropLoss off, as the original's MT config), and the variables
+    both start from."""
+    from hassod_jax.weights.detectron2 import load_detector
+
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.model.items()}
+    module, variables = load_detector(
+        config.init_checkpoint, which=config.init_which, **overrides
+    )
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    return module.clone(dtype=dtype), variables
+
+
+def make_optimizer(config):
+    sched = schedules.cosine_with_warmup(
+        config.base_lr,
+        config.max_iter,
+        warmup_iters=config.warmup_iters,
+        warmup_factor=config.warmup_factor,
+    )
+    tx = optim.sgd(
+        sched, momentum=config.momentum, weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+    )
+    return tx, sched
+
+
+def _loader_config(config, batch_size, seed):
+    return supervised.loader_config(
+        config, global_batch_size=batch_size, seed=seed, copy_paste=False, strong_views=True
+    )
+
+
+class _TeacherView:
+    """The teacher's variables where `supervised.evaluate_state` reads a state's."""
+
+    def __init__(self, state):
+        self.params, self.batch_stats = state.teacher_params, state.teacher_batch_stats
+
+
+def train(config, workdir):
+    """Runs (or resumes) Mean Teacher; returns the final state and the last logged metrics.
+    The student is the model the run produces (`W/checkpoints`, read by `load_detector(W)`,
+    and the exported `W/model_final`)."""
+    from hassod_jax.data import loader
+    from hassod_jax.weights.detectron2 import export_detector
+
+    parallel.maybe_initialize_distributed()
+    utils.require(config, "init_checkpoint", "train_json", "images", mode=config.mode)
+    eval_on = supervised._eval_enabled(config)
+    for name in ("init_checkpoint", "train_json", "images"):
+        if not os.path.exists(config.get(name)):
+            raise FileNotFoundError(f"config.{name} does not exist: {config.get(name)}")
+    mesh = parallel.global_mesh()
+    n_dev = mesh.devices.size
+    for name in ("batch_size_label", "batch_size_unlabel"):
+        if config.get(name) < 1 or config.get(name) % n_dev:
+            raise utils.ConfigError(
+                f"config.{name}={config.get(name)} must be a positive multiple of the {n_dev} "
+                "devices"
+            )
+    data = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    model, variables = build_model(config)
+    tx, schedule = make_optimizer(config)
+    state = jax.device_put(init_mt_state(variables, tx), replicated)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+    )
+    state, _ = checkpointer.restore(state)
+    start = int(state.step)
+    if start:
+        logging.info("Resuming at step %d", start)
+    state = jax.device_put(state, replicated)
+
+    # "label" and "unlabel": the same pseudo-label file (images without any dropped), two
+    # independent samplers; the iterators are step-indexed, so resuming at `start` continues
+    # both exactly.
+    records = loader.open_records(train_json=config.train_json, images=config.images)
+    iters = {}
+    for name, bs, seed in (("label", config.batch_size_label, config.seed),
+                           ("unlabel", config.batch_size_unlabel, config.seed + 1)):
+        iters[name] = loader.make_train_iterator(
+            records, _loader_config(config, bs, seed), num_steps=config.max_iter,
+            start_step=start, worker_count=config.data.workers,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+    step_fn = jax.jit(
+        make_mt_step(
+            model, tx, schedule, total_steps=config.max_iter, ema_keep=config.ema_keep,
+            score_thresh=config.score_thresh, coverage=config.coverage,
+            max_targets=config.max_targets, sup_weight=config.sup_weight,
+            unsup_weight=config.unsup_weight,
+        ),
+        in_shardings=(replicated, data, data, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    rng = jax.random.PRNGKey(config.seed)
+    writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
+    supervised.log_parameters(state.params)
+    last_good = checkpointer.latest_step()
+    predict_fn = None
+    if eval_on and jax.process_index() == 0:
+        from hassod_jax.evaluate import predict
+
+        predict_fn = predict.make_predict_fn(model)
+    n_img = config.batch_size_label + config.batch_size_unlabel
+    metrics, t0, n_images = {}, time.perf_counter(), 0
+    t_start = t0
+    try:
+        for step in range(start, config.max_iter):
+            label, unlabel = next(iters["label"]), next(iters["unlabel"])
+            state, metrics = step_fn(state, _shard(label, data), _shard(unlabel, data), rng)
+            n_images += n_img
+            done = step + 1
+            log_now = done % config.log_every == 0 or done == config.max_iter
+            save_now = done % config.checkpoint_every == 0 or done == config.max_iter
+            if log_now or save_now:
+                host = supervised.host_metrics(metrics, done, checkpointer, last_good)
+                host["images_per_s"] = n_images / max(time.perf_counter() - t0, 1e-9)
+                t0, n_images = time.perf_counter(), 0
+                metrics = host
+                if writer is not None and log_now:
+                    writer.write_scalars(done, host)
+                    logging.info(
+                        "step %d/%d: loss %.4f (w_sup %.3f, w_unsup %.3f), lr %.5f, "
+                        "%.1f teacher targets/image, %.1f images/s, %s",
+                        done, config.max_iter, host["total_loss"], host["w_sup"],
+                        host["w_unsup"], host["lr"], host["teacher/targets_per_image"],
+                        host["images_per_s"],
+                        supervised.eta_text(done, start, config.max_iter,
+                                            time.perf_counter() - t_start),
+                    )
+            if save_now:
+                checkpointer.save(
+                    done, state, {k: it.get_state() for k, it in iters.items()}
+                )
+                last_good = done
+            if eval_on and (done % config.eval_every == 0 or done == config.max_iter):
+                if jax.process_index() == 0:
+                    val = supervised.evaluate_state(config, model, state, predict_fn)
+                    tval = supervised.evaluate_state(config, model, _TeacherView(state),
+                                                     predict_fn)
+                    val.update({k.replace("val/", "val_teacher/", 1): v for k, v in tval.items()})
+                    metrics = {**metrics, **val}
+                    writer.write_scalars(done, val)
+                    logging.info(
+                        "step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                    )
+                t0, n_images = time.perf_counter(), 0
+        if jax.process_index() == 0 and int(state.step) == config.max_iter:
+            final = os.path.join(workdir, "model_final")
+            student = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+            export_detector(final, student, model.config, source="mean_teacher student")
+            logging.info("The student (the model Mean Teacher produces) is in %s", final)
+    finally:
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+        for it in iters.values():
+            if hasattr(it, "close"):
+                it.close()
+    return state, metrics
+
+
+def run(config, workdir):
+    """mode=mean_teacher."""
+    train(config, workdir)
