@@ -108,8 +108,9 @@ class BatchNorm(nn.Module):
                     self.put_variable("bn_stats", "mean", mean)
                     self.put_variable("bn_stats", "var", unbiased)
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        d = self.dtype
-        return (x.astype(d) - mean.astype(d)) * mul.astype(d) + bias.astype(d)
+        # The arithmetic in float32 even for bfloat16 activations: x - mean cancels when the
+        # mean is large against the spread, and bfloat16 keeps only ~3 significant digits.
+        return ((x.astype(f32) - mean) * mul + bias).astype(self.dtype)
 
 
 def batch_norm(train: bool, name: str, dtype: Any) -> BatchNorm:
