@@ -17,8 +17,10 @@ def get_config(arg=None):
     c.synthetic_size = (240, 320)  # (height, width) of the generated scenes
     c.seed = 0
     c.photos = ("astronaut", "coffee", "chelsea", "rocket", "coins", "horse")
-    c.num_pictures = 12
+    c.max_pictures = 12  # pictures of the first images; -1 = all, 0 = none
     c.train_steps = 200  # a short run of the small detector on the pseudo-labels; 0 = off
+    c.precise_bn_iters = 10  # PreciseBN at the detector's last step over this many batches; 0 = off
+    c.picture_score_threshold = 0.5  # the detector's outputs drawn: score >= this
     c.chunk_size = 4
     c.batch_size = 4
     c.log_every_s = 10.0

@@ -39,6 +39,8 @@ def discovery():
     c.job_index = 0  # independent jobs: this job's index ...
     c.num_jobs = 1  # ... out of this many (combined with jax.process_index/count)
     c.max_images = -1  # -1 = all
+    c.max_pictures = 20  # W/pictures: the pseudo-labels of the first images; 0 = none, -1 = all
+    c.panel_per_level = False  # pictures with one panel per level
     c.log_every_s = 30.0
     return c
 
@@ -139,6 +141,35 @@ def training():
     return c
 
 
+def prediction():
+    """mode=predict: a trained detector on a user's images, like detectron2's and HASSOD's demo
+    (`demo.py --input ... --confidence-threshold 0.5 --hier-level whole part`)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "predict"
+    # A training workdir (its newest checkpoint), one orbax step directory, an exported model
+    # directory, or a detectron2/HASSOD .pth (e.g. the released HASSOD model).
+    c.checkpoint = config_dict.placeholder(str)
+    # A folder of images, a glob ('photos/*.jpg'), one image file, or a COCO JSON.
+    c.images = config_dict.placeholder(str)
+    c.image_dir = ""  # with a COCO JSON: the folder of its file_names (default: the JSON's)
+    c.which = "student"  # Mean Teacher .pth files hold both: 'student' (released) or 'teacher'
+    c.score_threshold = 0.5  # keep detections with score >= this (HASSOD demo's default)
+    c.levels = "whole,part,subpart"  # levels to keep: any comma-separated subset
+    c.detections = 1000  # detections per image before the threshold (the original's 1000)
+    c.short_edge = 800  # detectron2's test-time ResizeShortestEdge
+    c.max_size = 1333
+    # Padding: () pads each image to its own size rounded up to 32 (exact, as detectron2; one
+    # compile per padded size); or ((h, w), ...) multiples of 32: fewer compiles.
+    c.buckets = ()
+    c.batch_size = 0  # images per call, a multiple of the local devices; 0 = one per device
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.max_images = -1  # -1 = all
+    c.max_pictures = 50  # pictures of the first images; -1 = all, 0 = none
+    c.panel_per_level = False  # pictures with one panel per level
+    c.log_every_s = 10.0
+    return c
+
+
 def mean_teacher():
     """Stage 2.3, Mean Teacher, as the original runs it (cascade_mask_rcnn_R_50_FPN_MT.yaml and
     4_mean_teacher.sh; HASSOD_SPEC 2.3)."""
@@ -169,6 +200,7 @@ def mean_teacher():
     c.max_targets = 100  # target slots per image (the highest-scoring kept detections)
     c.sup_weight = 1.0  # w_sup = sup_weight * (1 + cos(pi t / T)) / 2
     c.unsup_weight = 2.0  # w_unsup = unsup_weight + 1 - w_sup
+    c.unsup = True  # False: the unlabeled branch weighted 0 (ablation: no teacher targets)
     c.seed = 0
     c.log_every = 20
     c.checkpoint_every = 500

@@ -4,9 +4,17 @@ Needs no downloads. Writes, under the workdir:
     demo_data/               the generated scenes (with ground truth) and the photos
     pseudo_labels/           the discovery outputs (per threshold, ensemble, skipped)
     pseudo_labels/metrics.json  mask AR/AP of each threshold and of the ensemble against the
-                             generated ground truth, and the agreement of hierarchy levels
-    pictures/                PNGs with masks coloured by level (red whole, green part, blue subpart)
+                             generated ground truth, the agreement of hierarchy levels and
+                             (with train_steps > 0) the small detector's AP/AR
+    detector/                the small detector's run (checkpoints, logs) and its
+                             predictions.json on every demo image
+    pictures/                one PNG per image: the pseudo-labels and the detector's outputs,
+                             each instance in its own colour, the level as the contour's line
+                             style (whole solid, part dashed, subpart dotted) and a tag
+    config.json, log.txt     the resolved config and the log (written by main.py)
 With `config.dino_checkpoint` set it uses the DINO ViT; otherwise the weight-free stand-in.
+Rerunning the same command on the same workdir resumes: the generated data, the finished
+discovery chunks and the detector's checkpoint are kept, and the outputs are written again.
 """
 
 import json
@@ -99,32 +107,35 @@ def level_agreement(gt, rows, iou_threshold=0.5):
     }
 
 
-def write_pictures(picture_dir, image_dir, rows, limit):
-    from pycocotools import mask as mask_utils
+def write_pictures(config, picture_dir, image_dir, rows, detections=None):
+    """One PNG per image (the first `config.max_pictures`): the plain image, the pseudo-labels
+    (the ensemble) and, when given, the detector's detections with score >= the threshold.
 
-    from hassod_jax.data import images as image_io
+    detections: {image_id: [COCO result dicts]} or None.
+    """
     from hassod_jax.evaluate import visualize
 
-    os.makedirs(picture_dir, exist_ok=True)
+    limit = len(rows) if config.max_pictures < 0 else config.max_pictures
+    threshold = config.picture_score_threshold
+    sets = {}
     for im, res in rows[:limit]:
-        img = image_io.load_image_rgb(os.path.join(image_dir, im["file_name"]))
-        anns = res["ensemble"]
-        if anns:
-            masks = (
-                mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
-            )
-        else:
-            masks = np.zeros((0,) + img.shape[:2], bool)
-        levels = [a["hier_level"] for a in anns]
-        stem = os.path.splitext(os.path.basename(im["file_name"]))[0]
-        visualize.save_picture(os.path.join(picture_dir, f"{stem}.png"), img, masks, levels)
+        sets[im["id"]] = [("pseudo-labels", res["ensemble"])]
+        if detections is not None:
+            dets = [d for d in detections.get(im["id"], []) if d["score"] >= threshold]
+            sets[im["id"]].append((f"detector (score >= {threshold:g})", dets))
+    return visualize.save_annotation_pictures(
+        picture_dir,
+        image_dir,
+        [im for im, _ in rows[:limit]],
+        sets,
+        by_level=config.panel_per_level,
+    )
 
 
-def train_detector(config, workdir, train_json, image_dir, gt_json):
-    """A short run of the small detector on the pseudo-labels (stage 2 in miniature), then
-    class-agnostic AP/AR of its detections on the generated scenes' ground truth."""
+def _detector_config(config, train_json, image_dir, gt_json):
+    import jax
+
     from hassod_jax import defaults
-    from hassod_jax.train import supervised
 
     c = defaults.training()
     c.train_json, c.images = train_json, image_dir
@@ -135,7 +146,8 @@ def train_detector(config, workdir, train_json, image_dir, gt_json):
     c.model.rpn_post_nms_topk_train = 64
     c.model.roi_batch_size_per_image = 64
     c.dtype = "float32"
-    c.batch_size = 4
+    n = jax.device_count()
+    c.batch_size = n * -(-4 // n)  # 4 images, or one per device
     c.max_iter = config.train_steps
     c.base_lr = 0.02
     c.warmup_iters = min(50, config.train_steps // 4)
@@ -149,8 +161,33 @@ def train_detector(config, workdir, train_json, image_dir, gt_json):
     c.data.buckets = ((128, 192), (192, 128))
     c.data.max_instances = 32
     c.data.workers = 0
-    _, final = supervised.train(c, os.path.join(workdir, "detector"))
-    return {
+    if "precise_bn" in c:  # the recipe's PreciseBN, at the end, over a few batches
+        c.precise_bn_every = 0
+        c.precise_bn_iters = config.precise_bn_iters
+        c.precise_bn = config.precise_bn_iters > 0
+    return c
+
+
+def train_detector(config, workdir, train_json, image_dir, gt_json, image_list):
+    """A short run of the small detector on the pseudo-labels (stage 2 in miniature), then
+    class-agnostic AP/AR of its detections on the generated scenes' ground truth, and its
+    detections on every demo image (W/detector/predictions.json).
+
+    A rerun on the same workdir finds the finished checkpoint: training has nothing left to
+    do, and the restored detector is evaluated again. Returns (metrics, {image_id: results}).
+    """
+    import jax
+
+    from hassod_jax.evaluate import predict
+    from hassod_jax.train import supervised
+
+    c = _detector_config(config, train_json, image_dir, gt_json)
+    state, final = supervised.train(c, os.path.join(workdir, "detector"))
+    model = supervised.build_model(c)
+    if "val/bbox/AP" not in final:  # resumed at the last step: nothing was trained or scored
+        logging.info("The detector's run had finished: evaluating its restored checkpoint")
+        final = {**final, **supervised.evaluate_state(c, model, state)}
+    metrics = {
         t: {
             "AP": final[f"val/{t}/AP"],
             "AP50": final[f"val/{t}/AP50"],
@@ -158,6 +195,22 @@ def train_detector(config, workdir, train_json, image_dir, gt_json):
         }
         for t in ("bbox", "segm")
     } | {"level_accuracy": final["val/level_accuracy"], "steps": config.train_steps}
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    images = predict.images_from_coco(image_list, image_dir)
+    preds = predict.predict(
+        model,
+        variables,
+        images,
+        short_edge=c.val_short_edge,
+        max_size=c.val_max_size,
+        buckets=c.data.buckets,
+        batch_size=c.val_batch_size,
+    )
+    utils.atomic_write_json(os.path.join(workdir, "detector", "predictions.json"), preds)
+    by_image = {}
+    for p in preds:
+        by_image.setdefault(p["image_id"], []).append(p)
+    return metrics, by_image
 
 
 def run(config, workdir):
@@ -194,12 +247,18 @@ def run(config, workdir):
         "statistics": sweep.threshold_statistics(rows, config.thresholds),
     }
     out_dir = os.path.join(workdir, pipeline.OUTPUT_DIR)
+    detections = None
     if config.train_steps > 0:
-        metrics["detector"] = train_detector(
-            config, workdir, os.path.join(out_dir, pipeline.ENSEMBLE_FILE), image_dir, gt_json
+        metrics["detector"], detections = train_detector(
+            config,
+            workdir,
+            os.path.join(out_dir, pipeline.ENSEMBLE_FILE),
+            image_dir,
+            gt_json,
+            image_list,
         )
     utils.atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics, indent=1)
-    write_pictures(os.path.join(workdir, "pictures"), image_dir, rows, config.num_pictures)
+    write_pictures(config, os.path.join(workdir, "pictures"), image_dir, rows, detections)
     summary = {k: {m: round(v[m], 4) for m in ("AR@100", "AP")} for k, v in metrics["segm"].items()}
     logging.info("Demo metrics against the generated ground truth (mask): %s", json.dumps(summary))
     logging.info("Levels: %s", json.dumps(metrics["levels"]))

@@ -41,3 +41,52 @@ def test_demo_writes_labels_metrics_and_pictures(tmp_path):
     ]
     for f in ("thresh_0.4.json", "pseudo_labels_hier.json", "skipped.json"):
         assert (out / f).exists()
+
+
+def test_demo_command_runs_twice_on_one_workdir(tmp_path):
+    """The README's demo command, reduced, twice on the same workdir: the rerun resumes (data,
+    discovery chunks and the detector's finished checkpoint are kept), scores the restored
+    detector again and writes the same metrics (it crashed with KeyError 'val/bbox/AP')."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        # One CPU device, as the README's command runs (the test session forces eight).
+        "XLA_FLAGS": " ".join(f for f in flags if "device_count" not in f),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "hassod_jax.main",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.num_synthetic=3",
+        "--config.photos=('coffee',)",
+        "--config.image_size=160",
+        "--config.num_workers=0",
+        "--config.train_steps=2",
+        "--config.precise_bn_iters=2",
+        "--config.max_pictures=2",
+        "--config.picture_score_threshold=0.0",
+    ]
+    runs = []
+    for _ in range(2):
+        r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, env=env)
+        assert r.returncode == 0, r.stderr[-4000:]
+        runs.append((r, json.loads((tmp_path / "pseudo_labels" / "metrics.json").read_text())))
+    (_, first), (second_run, second) = runs
+    assert "Resuming at step 2" in second_run.stderr
+    assert second["segm"] == first["segm"] and second["levels"] == first["levels"]
+    for t in ("bbox", "segm"):
+        for k, v in first["detector"][t].items():
+            assert abs(second["detector"][t][k] - v) < 1e-6, (t, k)
+    preds = json.loads((tmp_path / "detector" / "predictions.json").read_text())
+    assert {p["image_id"] for p in preds} <= {1, 2, 3, 4} and preds
+    assert sorted(os.listdir(tmp_path / "pictures")) == ["000001.png", "000002.png"]
+    assert (tmp_path / "config.json").exists() and (tmp_path / "log.txt").exists()

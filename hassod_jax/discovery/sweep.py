@@ -3,7 +3,8 @@
 Writes `W/sweep/sweep.json` with, per threshold, the mean number of HAC regions and of kept
 (refined) masks per image and, when `config.gt_json` is given, class-agnostic mask AR/AP of
 that threshold's pseudo-labels, of the sweep's full ensemble and of the published ensemble
-(`config.ensemble_thresholds`, when every one of them is in the sweep).
+(`config.ensemble_thresholds`, when every one of them is in the sweep); `W/sweep/sweep.png`
+plots them against the threshold.
 
 A sweep split over independent jobs (`num_jobs` > 1) writes only shards; the same command with
 `--config.mode=merge_pseudo_labels` joins them and writes `sweep.json` (`pipeline.run_merge`).
@@ -104,6 +105,9 @@ def write_report(config, workdir, rows, thresholds):
         )
     out = os.path.join(workdir, OUTPUT_DIR, "sweep.json")
     utils.atomic_write_json(out, report, indent=1)
+    from hassod_jax.evaluate import visualize
+
+    visualize.plot_sweep(os.path.join(workdir, OUTPUT_DIR, "sweep.png"), report)
     lines = [f"{'threshold':>10} {'regions/img':>12} {'masks/img':>10} {'AR@100':>8} {'AP':>8}"]
     for key, st in report["statistics"].items():
         ev = report.get("segm", {}).get(key, {})
