@@ -142,11 +142,13 @@ def _gt(batch, width):
 
 def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
                  score_thresh=SCORE_THRESH, coverage=COVERAGE, max_targets=100,
-                 sup_weight=1.0, unsup_weight=2.0):
+                 sup_weight=1.0, unsup_weight=2.0, unsup=True):
     """(state, label_batch, unlabel_batch, rng) -> (state, metrics).
 
     Each batch as the loader emits it, with the weak view in "images" and the strong view
     (same geometry) in "images_strong"; the unlabel batch's own instances are not used.
+    `unsup=False` weights the unlabeled branch 0 (an ablation: the same data and schedule
+    without the teacher's targets).
     """
     from hassod_jax.train.schedules import adaptive_loss_weights
 
@@ -182,6 +184,8 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
         unsup_x = _images(unlabel, "images_strong")
         unsup_t = {k: tg[k] for k in ("boxes", "masks", "levels", "valid")}
         w_sup, w_unsup = adaptive_loss_weights(t, total_steps, sup_weight, unsup_weight)
+        if not unsup:
+            w_unsup = jnp.zeros_like(w_unsup)
 
         def loss_fn(params):
             sup, v1 = model.apply(
@@ -329,7 +333,7 @@ def train(config, workdir):
             model, tx, schedule, total_steps=config.max_iter, ema_keep=config.ema_keep,
             score_thresh=config.score_thresh, coverage=config.coverage,
             max_targets=config.max_targets, sup_weight=config.sup_weight,
-            unsup_weight=config.unsup_weight,
+            unsup_weight=config.unsup_weight, unsup=config.get("unsup", True),
         ),
         in_shardings=(replicated, data, data, replicated),
         out_shardings=(replicated, replicated),

@@ -1,0 +1,157 @@
+"""Does Mean Teacher do its job? A learning check on generated scenes (CPU-sized).
+
+1. The small detector is trained (mode=train's loop) on INCOMPLETE labels: every other
+   ground-truth instance of each training scene removed (at least one kept).
+2. From that checkpoint, the same number of steps of (a) Mean Teacher with those labels and
+   (b) the same loop with the unlabeled branch weighted 0 (plain continued training on the
+   incomplete labels, same data, views and schedule).
+3. The students are scored on held-out scenes with their COMPLETE ground truth: mask and box
+   AR@100 and AP (class-agnostic COCO, the original's protocol).
+
+    python experiments/mt_learning_check.py [--stage1 400] [--mt 150] [--out FILE.json]
+
+Fixed seeds; prints a table and writes the numbers as JSON. tests/train/test_mt_learning.py
+runs a shorter version of the same thing with a bar set from these measurements.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SIZE = (128, 128)
+
+
+def drop_half(src_json, dst_json):
+    """Every other instance of each image removed (the first kept), levels untouched."""
+    from hassod_jax.data.coco import load_coco_json
+    from hassod_jax.utils import atomic_write_json
+
+    data = load_coco_json(src_json)
+    by_image = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    kept = [a for anns in by_image.values() for i, a in enumerate(anns) if i % 2 == 0]
+    atomic_write_json(dst_json, {**data, "annotations": kept})
+    return len(data["annotations"]), len(kept)
+
+
+def _common(c, seed):
+    c.seed = seed
+    c.dtype = "float32"
+    c.log_every = 50
+    c.keep_checkpoints = 1
+    c.data.short_edges = (SIZE[0],)
+    c.data.max_size = SIZE[1]
+    c.data.buckets = (SIZE,)
+    c.data.copy_paste = False
+    c.data.max_instances = 16
+    c.data.workers = 0
+    for k, v in dict(pooler_sampling_ratio=2, rpn_pre_nms_topk_train=256,
+                     rpn_post_nms_topk_train=64, rpn_pre_nms_topk_test=256,
+                     rpn_post_nms_topk_test=64, roi_batch_size_per_image=64,
+                     mask_max_fg=16).items():
+        c.model[k] = v
+    return c
+
+
+def stage1_config(train_json, images, steps, seed):
+    from hassod_jax import defaults
+
+    c = _common(defaults.training(), seed)
+    c.train_json, c.images = train_json, images
+    c.model.size = "small"
+    c.batch_size = 4
+    c.max_iter = steps
+    c.base_lr = 0.02
+    c.warmup_iters = 50
+    c.lr_steps = ()
+    c.checkpoint_every = steps
+    c.precise_bn_iters = 20
+    return c
+
+
+def mt_config(init, train_json, images, steps, seed, unsup):
+    from hassod_jax import defaults
+
+    c = _common(defaults.mean_teacher(), seed)
+    c.init_checkpoint, c.train_json, c.images = init, train_json, images
+    c.model.detections_per_image = 100
+    c.batch_size_label = 4
+    c.batch_size_unlabel = 4
+    c.max_iter = steps
+    c.base_lr = 0.02
+    c.warmup_iters = steps // 5
+    c.checkpoint_every = steps
+    c.max_targets = 16
+    c.unsup = unsup
+    return c
+
+
+def score(workdir, val_json, val_images):
+    from hassod_jax.data.coco import load_coco_json
+    from hassod_jax.evaluate import coco_eval, predict
+    from hassod_jax.weights.detectron2 import load_detector
+
+    module, variables = load_detector(workdir, detections_per_image=100)
+    gt = load_coco_json(val_json)
+    preds = predict.predict(module, variables, predict.images_from_coco(gt, val_images),
+                            short_edge=SIZE[0], max_size=SIZE[1], buckets=(SIZE,), batch_size=8)
+    m = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"))
+    return {f"{t}/{k}": float(m[t][k]) for t in ("bbox", "segm") for k in ("AP", "AP50", "AR@100")}
+
+
+def run(root, stage1_steps, mt_steps, seed=0):
+    from hassod_jax.data.synthetic import write_synthetic_dataset
+    from hassod_jax.train import mean_teacher, supervised
+
+    images, full_json = write_synthetic_dataset(os.path.join(root, "train"), 64, 1, SIZE,
+                                                n_objects=(1, 3))
+    val_images, val_json = write_synthetic_dataset(os.path.join(root, "val"), 16, 2, SIZE,
+                                                   n_objects=(1, 3))
+    half = os.path.join(root, "train_half.json")
+    n_all, n_kept = drop_half(full_json, half)
+    out = {"instances": n_all, "kept": n_kept, "stage1_steps": stage1_steps,
+           "mt_steps": mt_steps, "seconds": {}}
+    t0 = time.perf_counter()
+    w1 = os.path.join(root, "stage1")
+    supervised.train(stage1_config(half, images, stage1_steps, seed), w1)
+    out["seconds"]["stage1"] = time.perf_counter() - t0
+    out["start"] = score(w1, val_json, val_images)
+    for name, unsup in (("mean_teacher", True), ("continued", False)):
+        t0 = time.perf_counter()
+        w = os.path.join(root, name)
+        mean_teacher.train(mt_config(w1, half, images, mt_steps, seed, unsup), w)
+        out["seconds"][name] = time.perf_counter() - t0
+        out[name] = score(w, val_json, val_images)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage1", type=int, default=400)
+    p.add_argument("--mt", type=int, default=150)
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    with tempfile.TemporaryDirectory() as root:
+        res = run(root, a.stage1, a.mt)
+    keys = list(res["start"])
+    print(f"{res['instances']} training instances, {res['kept']} kept as labels; "
+          f"stage 1 {res['stage1_steps']} steps, then {res['mt_steps']} steps each")
+    print("| model | " + " | ".join(keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for name in ("start", "continued", "mean_teacher"):
+        print(f"| {name} | " + " | ".join(f"{res[name][k]:.3f}" for k in keys) + " |")
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res["seconds"].items()))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
