@@ -26,6 +26,13 @@ probability <= 1, so it can never reach the 0.5 threshold -- the window changes 
 Result dicts: {image_id, category_id: 1, bbox [x, y, w, h] in original-image pixels,
 score, segmentation {size: [h, w], counts: str} (COCO compressed RLE), hier_level (argmax
 of the level head's probabilities: 0 whole, 1 part, 2 subpart)}.
+
+Entry points: `detect` (one NumPy image -> NumPy arrays, as detectron2's DefaultPredictor),
+`predict` (many images -> result dicts, for evaluation), and `run` (mode=predict: a
+checkpoint on a folder, glob, file or COCO JSON of images -> predictions.json with
+`level_probs`, pictures, a skipped list; batches split over every local device).
+`filter_detections` keeps a score threshold and a subset of levels (HASSOD's demo's
+`--confidence-threshold` and `--hier-level`).
 """
 
 from __future__ import annotations
@@ -193,6 +200,33 @@ def detections_to_coco(
 # The device part.
 
 
+def make_sharded_predict_fn(model, devices=None):
+    """`make_predict_fn`'s function over several devices: the batch (a multiple of the device
+    count) is split along its first axis and each device runs the detector on its share
+    (`shard_map`), the variables replicated. One device: `make_predict_fn(model)` itself.
+    Returns (fn, put) with put(variables) placing the variables as fn expects them."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from hassod_jax.data import loader
+
+    devices = list(devices or jax.local_devices())
+    if len(devices) == 1:
+        return make_predict_fn(model), lambda v: jax.device_put(v, devices[0])
+    mesh = Mesh(np.array(devices), ("data",))
+
+    def fn(variables, images, image_sizes):
+        x = loader.normalize_padded(images, image_sizes)
+        return model.apply(variables, x, train=False, image_sizes=image_sizes)
+
+    data = PartitionSpec("data")
+    sharded = jax.shard_map(
+        fn, mesh=mesh, in_specs=(PartitionSpec(), data, data), out_specs=data, check_vma=False
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(sharded), lambda v: jax.device_put(v, replicated)
+
+
 def make_predict_fn(model):
     """jitted (variables, images (B, Hp, Wp, 3) uint8 zero-padded, image_sizes (B, 2) int32)
     -> detection dict of `CascadeMaskRCNN` (inference mode); recompiles per padded shape."""
@@ -244,6 +278,16 @@ def detect(module, variables, image, *, short_edge=800, max_size=1333, score_thr
     fn = _DETECT_FNS[key][1]
     det = jax.device_get(fn(variables, padded, np.asarray([[h, w]], np.int32)))
     det = {k: np.asarray(v[0]) for k, v in det.items()}
+    return postprocess_detections(det, (h, w), (oh, ow), score_threshold)
+
+
+def postprocess_detections(det, resized_hw, original_hw, score_threshold=0.0):
+    """One image's raw detector outputs -> `detect`'s dict at the original size.
+
+    det: NumPy arrays of ONE image as `CascadeMaskRCNN` returns them (boxes in the resized
+    image's pixels, scores, level_probs, masks (D, M, M) probabilities, valid).
+    """
+    (h, w), (oh, ow) = resized_hw, original_hw
     boxes, nonempty = rescale_boxes(det["boxes"], (h, w), (oh, ow))
     keep = np.nonzero(det["valid"] & nonempty & (det["scores"] >= score_threshold))[0]
     boxes = boxes[keep]
@@ -253,8 +297,77 @@ def detect(module, variables, image, *, short_edge=800, max_size=1333, score_thr
         "scores": det["scores"][keep].astype(np.float32),
         "levels": np.argmax(level_probs, axis=-1).astype(np.int64),
         "level_probs": level_probs,
-        "masks": paste_masks_numpy(det["masks"][keep], boxes, oh, ow),
+        "masks": paste_masks_numpy(det["masks"][keep], boxes, int(oh), int(ow)),
     }
+
+
+LEVEL_NAMES = ("whole", "part", "subpart")
+
+
+def parse_levels(levels):
+    """Hierarchy levels to keep, like HASSOD's demo `--hier-level`: a comma-separated string
+    ('whole,part'), or a sequence of names or ints (0 whole, 1 part, 2 subpart); empty or
+    'all' = every level. Returns a sorted tuple of ints; ConfigError naming the valid values."""
+    from hassod_jax.utils import ConfigError
+
+    if levels is None:
+        return tuple(range(len(LEVEL_NAMES)))
+    if isinstance(levels, str):
+        parts = [p.strip() for p in levels.split(",") if p.strip()]
+    else:
+        parts = list(levels)
+    if not parts or parts == ["all"]:
+        return tuple(range(len(LEVEL_NAMES)))
+    out = set()
+    for p in parts:
+        name = str(p).strip().lower()
+        if name in LEVEL_NAMES:
+            out.add(LEVEL_NAMES.index(name))
+        elif name.isdigit() and int(name) < len(LEVEL_NAMES):
+            out.add(int(name))
+        else:
+            raise ConfigError(
+                f"unknown hierarchy level {p!r}: set --config.levels to a comma-separated "
+                f"subset of {','.join(LEVEL_NAMES)} (or 0,1,2)"
+            )
+    return tuple(sorted(out))
+
+
+def filter_detections(detections, *, score_threshold=0.0, levels=None):
+    """`detect`'s dict restricted to score >= score_threshold and the given levels (see
+    `parse_levels`; None keeps every level). The order (descending score) is kept."""
+    keep = np.asarray(detections["scores"]) >= score_threshold
+    if levels is not None:
+        keep &= np.isin(np.asarray(detections["levels"]), parse_levels(levels))
+    return {k: np.asarray(v)[keep] for k, v in detections.items()}
+
+
+def detections_to_results(detections, image_id, category_id=1):
+    """`detect`'s dict -> COCO result dicts: image_id, category_id, bbox [x, y, w, h], score,
+    segmentation (compressed RLE, str counts), hier_level, level_probs [whole, part, subpart]."""
+    from pycocotools import mask as mask_utils
+
+    from hassod_jax.data.coco import rle_to_json
+
+    masks = np.asarray(detections["masks"], bool)
+    if not len(masks):
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    out = []
+    for j, rle in enumerate(rles):
+        x0, y0, x1, y1 = (float(v) for v in detections["boxes"][j])
+        out.append(
+            {
+                "image_id": image_id,
+                "category_id": int(category_id),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(detections["scores"][j]),
+                "segmentation": rle_to_json(rle),
+                "hier_level": int(detections["levels"][j]),
+                "level_probs": [float(p) for p in detections["level_probs"][j]],
+            }
+        )
+    return out
 
 
 def _with_detections(model, detections):
@@ -328,40 +441,70 @@ def predict(
     fn = predict_fn if predict_fn is not None else make_predict_fn(model)
     # Once on the default device, not once per batch.
     variables = jax.device_put(variables, jax.local_devices()[0])
-    # Images are batched by padded shape. Each shape's pending images run as soon as they fill
-    # a batch (the rest at the end), so at most batch_size images per shape are held, and the
-    # batches are the same as grouping all images first: each shape's in input order.
-    results = []
-    pending = {}  # padded shape -> [(position in results, resized uint8, original hw, id)]
-
-    def run(shape, chunk):
-        hp, wp = shape
-        batch = np.zeros((batch_size, hp, wp, 3), np.uint8)
-        sizes = np.full((batch_size, 2), SIZE_DIVISIBILITY, np.int32)
-        for j, (_, r, _, _) in enumerate(chunk):
-            batch[j, : r.shape[0], : r.shape[1]] = r
-            sizes[j] = r.shape[:2]
-        out = jax.device_get(fn(variables, batch, sizes))
-        for j, (pos, resized, orig_hw, image_id) in enumerate(chunk):
-            one = {k: np.asarray(v[j]) for k, v in out.items()}
-            results[pos] = detections_to_coco(
-                one, image_id, resized.shape[:2], orig_hw, mask_threshold
+    results = {}
+    batches = batch_by_shape(map(_load, images), short_edge, max_size, buckets, batch_size)
+    for shape, chunk in batches:
+        for entry, one in zip(chunk, run_batch(fn, variables, shape, chunk, batch_size)):
+            results[entry.position] = detections_to_coco(
+                one, entry.key, entry.resized_hw, entry.original_hw, mask_threshold
             )
+    return [r for pos in sorted(results) for r in results[pos]]
 
-    for item in images:
-        img, image_id = _load(item)
+
+@dataclasses.dataclass
+class _Entry:
+    """One image waiting for its batch: input position, key (e.g. image id), the resized uint8
+    image, both sizes, and (when kept) the original image."""
+
+    position: int
+    key: Any
+    resized: np.ndarray
+    resized_hw: tuple
+    original_hw: tuple
+    image: Any = None
+
+
+def batch_by_shape(images, short_edge, max_size, buckets, batch_size, keep_image=None):
+    """Groups images by padded shape into batches, in a stream.
+
+    images: iterable of ((H, W, 3) uint8 image, key). Each shape's pending images come out as
+    soon as they fill a batch (the rest at the end), so at most batch_size images per shape
+    are held, and the batches are those of grouping every image first: each shape's images in
+    input order. keep_image(position) -> bool keeps the original image in the entry.
+    Yields (padded shape, [_Entry]).
+    """
+    pending = {}
+    for position, (img, key) in enumerate(images):
         resized = resize_for_test(img, short_edge, max_size)
         shape = padded_shape(*resized.shape[:2], buckets)
+        keep = keep_image is not None and keep_image(position)
+        entry = _Entry(
+            position, key, resized, resized.shape[:2], img.shape[:2], img if keep else None
+        )
         queue = pending.setdefault(shape, [])
-        queue.append((len(results), resized, img.shape[:2], image_id))
-        results.append(None)
+        queue.append(entry)
         if len(queue) == batch_size:
-            run(shape, queue)
+            yield shape, queue
             pending[shape] = []
     for shape, queue in pending.items():
         if queue:
-            run(shape, queue)
-    return [r for per_image in results for r in per_image]
+            yield shape, queue
+
+
+def run_batch(fn, variables, shape, chunk, batch_size):
+    """Runs `fn` on one padded batch (the missing images blank) -> one raw detection dict of
+    NumPy arrays per entry of `chunk`."""
+    import jax
+
+    hp, wp = shape
+    batch = np.zeros((batch_size, hp, wp, 3), np.uint8)
+    sizes = np.full((batch_size, 2), SIZE_DIVISIBILITY, np.int32)
+    for j, entry in enumerate(chunk):
+        r = entry.resized
+        batch[j, : r.shape[0], : r.shape[1]] = r
+        sizes[j] = r.shape[:2]
+    out = jax.device_get(fn(variables, batch, sizes))
+    return [{k: np.asarray(v[j]) for k, v in out.items()} for j in range(len(chunk))]
 
 
 def images_from_coco(coco_json, image_dir, max_images=-1):
@@ -426,3 +569,223 @@ def level_accuracy(gt, predictions, iou_threshold=0.5, iou_type="bbox"):
         total += int(fg.sum())
         correct += int((pred_levels[fg] == gt_levels[best[fg]]).sum())
     return (correct / total if total else -1.0), total
+
+
+# ----------------------------------------------------------------------------------------------
+# mode=predict: a trained detector on a user's images.
+
+
+def list_inputs(images, image_dir=""):
+    """The images `config.images` names, as [(path, image_id, file_name)].
+
+    images: a folder (its image files, ids as `data.images.list_images` gives them), a glob
+      pattern ('photos/*.jpg'; ids 1..N in sorted order), one image file (id 1), or a COCO
+      JSON (its images and ids; file names relative to `image_dir`, default the JSON's folder).
+    Raises FileNotFoundError (naming --config.images) when nothing matches.
+    """
+    import glob as glob_lib
+
+    from hassod_jax import utils
+    from hassod_jax.data import images as image_io
+
+    spec = os.fspath(images)
+    if spec.lower().endswith(".json") and os.path.isfile(spec):
+        from hassod_jax.data.coco import load_coco_json
+
+        folder = image_dir or os.path.dirname(os.path.abspath(spec))
+        try:
+            data = load_coco_json(spec)
+        except ValueError as e:
+            raise utils.InputError(f"--config.images={spec}: {e}") from None
+        out = []
+        for i, img in enumerate(data["images"]):
+            if "file_name" not in img:
+                raise utils.InputError(f"--config.images={spec}: images[{i}] has no 'file_name'")
+            out.append((os.path.join(folder, img["file_name"]), img["id"], img["file_name"]))
+        return out
+    if os.path.isdir(spec):
+        return [(os.path.join(spec, n), i, n) for i, n in image_io.list_images(spec)]
+    if os.path.isfile(spec):
+        return [(spec, 1, os.path.basename(spec))]
+    if any(c in spec for c in "*?["):
+        paths = sorted(p for p in glob_lib.glob(spec, recursive=True) if os.path.isfile(p))
+        if paths:
+            root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+            return [
+                (p, i + 1, os.path.relpath(os.path.abspath(p), root)) for i, p in enumerate(paths)
+            ]
+        raise FileNotFoundError(f"--config.images={spec}: the pattern matches no file")
+    raise FileNotFoundError(
+        f"--config.images={spec}: no such folder or file; give a folder of images, an image "
+        "file, a glob such as 'photos/*.jpg', or a COCO JSON (with --config.image_dir)"
+    )
+
+
+def _picture_name(file_name, image_id, used):
+    stem = os.path.splitext(file_name)[0].replace(os.sep, "__").replace("/", "__")
+    name = f"{stem}.png"
+    if name in used:
+        name = f"{stem}_{image_id}.png"
+    used.add(name)
+    return name
+
+
+def _check_predict_config(config):
+    from hassod_jax import utils
+
+    utils.require(config, "checkpoint", "images", mode="predict")
+    if not 0.0 <= float(config.score_threshold) <= 1.0:
+        raise utils.ConfigError(
+            f"--config.score_threshold must be in [0, 1], got {config.score_threshold}"
+        )
+    for name in ("short_edge", "max_size", "detections"):
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise utils.ConfigError(f"--config.{name} must be a positive integer, got {value!r}")
+    if config.batch_size < 0:
+        raise utils.ConfigError(
+            f"--config.batch_size must be >= 0 (0: one image per device), got {config.batch_size}"
+        )
+    if config.dtype not in ("float32", "bfloat16"):
+        raise utils.ConfigError(f"--config.dtype must be float32 or bfloat16, got {config.dtype!r}")
+    return parse_levels(config.levels)
+
+
+def run(config, workdir):
+    """mode=predict: the detector of `config.checkpoint` on the images of `config.images`.
+
+    Writes, in `workdir`: predictions.json (COCO results of the kept detections, with
+    hier_level and level_probs), images.json (the images and their ids), skipped.json (images
+    that could not be read, with the reason; they are skipped), pictures/*.png (the first
+    `config.max_pictures` images). Logs progress with an ETA. Returns a summary dict.
+    """
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    from absl import logging
+
+    from hassod_jax import utils
+    from hassod_jax.data.images import ImageReadError, load_image_rgb
+    from hassod_jax.evaluate import visualize
+    from hassod_jax.weights.detectron2 import load_detector
+
+    levels = _check_predict_config(config)
+    items = list_inputs(config.images, config.get("image_dir", ""))
+    if config.max_images >= 0:
+        items = items[: config.max_images]
+    if not items:
+        raise FileNotFoundError(f"--config.images={config.images}: no image files found there")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    module, variables = load_detector(
+        config.checkpoint, which=config.which, dtype=dtype, detections_per_image=config.detections
+    )
+    devices = jax.local_devices()
+    batch_size = config.batch_size or len(devices)
+    if batch_size % len(devices):
+        raise utils.ConfigError(
+            f"--config.batch_size={batch_size} must be a multiple of the {len(devices)} local "
+            "devices (0: one image per device)"
+        )
+    fn, put = make_sharded_predict_fn(module, devices)
+    variables = put(variables)
+    buckets = tuple(tuple(b) for b in config.buckets) or None
+    names = ", ".join(LEVEL_NAMES[k] for k in levels)
+    logging.info(
+        "Detector from %s on %d image(s) of %s, %d device(s), batch %d: keeping score >= %g, "
+        "levels %s",
+        config.checkpoint,
+        len(items),
+        config.images,
+        len(devices),
+        batch_size,
+        config.score_threshold,
+        names,
+    )
+    picture_dir = os.path.join(workdir, "pictures")
+    progress = utils.Progress(len(items), name="images", every_s=config.log_every_s)
+    skipped, images, results, used_names = [], {}, {}, set()
+
+    def readable():
+        for path, image_id, file_name in items:
+            t0 = time.perf_counter()
+            try:
+                img = load_image_rgb(path)
+            except ImageReadError as e:
+                logging.warning("Skipping %s: %s", file_name, e.reason)
+                skipped.append({"file_name": file_name, "image_id": image_id, "reason": e.reason})
+                progress.update(1)
+                continue
+            finally:
+                progress.add_time("decode", time.perf_counter() - t0)
+            h, w = img.shape[:2]
+            images[image_id] = {"id": image_id, "file_name": file_name, "height": h, "width": w}
+            yield img, (image_id, file_name)
+
+    max_pictures = config.max_pictures
+    stream = batch_by_shape(
+        readable(),
+        config.short_edge,
+        config.max_size,
+        buckets,
+        batch_size,
+        keep_image=lambda pos: max_pictures < 0 or pos < max_pictures,
+    )
+    for shape, chunk in stream:
+        t0 = time.perf_counter()
+        raw = run_batch(fn, variables, shape, chunk, batch_size)
+        progress.add_time("detector", time.perf_counter() - t0)
+        for entry, one in zip(chunk, raw):
+            t0 = time.perf_counter()
+            image_id, file_name = entry.key
+            dets = postprocess_detections(
+                one, entry.resized_hw, entry.original_hw, config.score_threshold
+            )
+            dets = filter_detections(dets, levels=levels)
+            results[entry.position] = detections_to_results(dets, image_id)
+            t1 = time.perf_counter()
+            progress.add_time("postprocess", t1 - t0)
+            if entry.image is not None:
+                visualize.save_picture(
+                    os.path.join(picture_dir, _picture_name(file_name, image_id, used_names)),
+                    entry.image,
+                    [
+                        visualize.instance_set(
+                            f"detector (score >= {config.score_threshold:g})",
+                            dets["masks"],
+                            dets["levels"],
+                            dets["scores"],
+                        )
+                    ],
+                    by_level=config.panel_per_level,
+                )
+                progress.add_time("pictures", time.perf_counter() - t1)
+            progress.update(1)
+    progress.update(0, force=True)
+    predictions = [r for pos in sorted(results) for r in results[pos]]
+    out = os.path.join(workdir, "predictions.json")
+    utils.atomic_write_json(out, predictions)
+    utils.atomic_write_json(
+        os.path.join(workdir, "images.json"),
+        {"images": list(images.values()), "source": str(config.images)},
+        indent=1,
+    )
+    utils.atomic_write_json(os.path.join(workdir, "skipped.json"), skipped, indent=1)
+    per_level = np.bincount([p["hier_level"] for p in predictions], minlength=3).tolist()
+    logging.info(
+        "Wrote %s: %d detection(s) on %d image(s) (%s); %d image(s) skipped (listed in %s)%s",
+        out,
+        len(predictions),
+        len(images),
+        ", ".join(f"{n} {c}" for n, c in zip(LEVEL_NAMES, per_level)),
+        len(skipped),
+        os.path.join(workdir, "skipped.json"),
+        f"; pictures in {picture_dir}" if used_names else "",
+    )
+    return {
+        "images": len(images),
+        "skipped": len(skipped),
+        "detections": len(predictions),
+        "detections_per_level": per_level,
+        "pictures": len(used_names),
+    }

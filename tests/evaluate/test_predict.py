@@ -3,6 +3,7 @@ RLE round trip through pycocotools, and a random small detector's predictions ac
 evaluate_coco."""
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -249,3 +250,140 @@ def test_predict_rejects_bad_input(random_model):
         P.predict(model, variables, [(np.zeros((10, 10, 3), np.float32), 1)])
     with pytest.raises(ValueError, match="batch_size"):
         P.predict(model, variables, [], batch_size=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# detect(): one image in, NumPy arrays in the original image's pixels out.
+
+
+def _scene(h=72, w=100, seed=5):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+    img[10:50, 20:70] = rng.integers(150, 255, 3, dtype=np.uint8)  # a bright rectangle
+    return img
+
+
+def test_detect_shapes_and_frame(random_model):
+    model, variables = random_model
+    img = _scene()
+    out = P.detect(model, variables, img, short_edge=96, max_size=160)
+    n = len(out["scores"])
+    assert n > 0
+    assert out["boxes"].shape == (n, 4) and out["boxes"].dtype == np.float32
+    assert out["scores"].dtype == np.float32 and out["levels"].shape == (n,)
+    assert out["level_probs"].shape == (n, 3) and out["masks"].shape == (n, 72, 100)
+    assert out["masks"].dtype == bool
+    assert np.all(np.diff(out["scores"]) <= 0)  # descending
+    np.testing.assert_array_equal(out["levels"], out["level_probs"].argmax(-1))
+    b = out["boxes"]
+    assert (b[:, 0] >= 0).all() and (b[:, 2] <= 100).all() and (b[:, 1] >= 0).all()
+    assert (b[:, 3] <= 72).all() and (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+    # The original frame: the same detections as predict() (tested above against the model's
+    # own boxes rescaled by original / resized), each mask inside its box (+1 px).
+    ref = P.predict(model, variables, [(img, 7)], short_edge=96, max_size=160)
+    assert len(ref) == n
+    np.testing.assert_allclose(
+        [r["bbox"] for r in ref], np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], 1), atol=1e-4
+    )
+    for m, box in zip(out["masks"], b):
+        ys, xs = np.nonzero(m)
+        if len(ys):
+            assert xs.min() >= np.floor(box[0]) - 1 and xs.max() <= np.ceil(box[2]) + 1
+            assert ys.min() >= np.floor(box[1]) - 1 and ys.max() <= np.ceil(box[3]) + 1
+    # A larger copy of the image: boxes scale with it (the frame is the input's, not the
+    # detector's 96-pixel one).
+    from PIL import Image
+
+    big = np.asarray(Image.fromarray(img).resize((200, 144), Image.NEAREST))
+    out2 = P.detect(model, variables, big, short_edge=96, max_size=160)
+    assert out2["masks"].shape[1:] == (144, 200)
+    assert (out2["boxes"][:, 2] <= 200).all() and (out2["boxes"][:, 2] > 100).any()
+
+
+def test_detect_score_threshold(random_model):
+    model, variables = random_model
+    img = _scene()
+    full = P.detect(model, variables, img, short_edge=96, max_size=160)
+    t = float(np.median(full["scores"]))
+    part = P.detect(model, variables, img, short_edge=96, max_size=160, score_threshold=t)
+    keep = full["scores"] >= t
+    assert 0 < keep.sum() < len(keep)
+    for k in full:
+        np.testing.assert_array_equal(part[k], full[k][keep])
+    same = P.filter_detections(full, score_threshold=t)
+    for k in full:
+        np.testing.assert_array_equal(same[k], part[k])
+
+
+def test_filter_detections_by_level(random_model):
+    model, variables = random_model
+    full = P.detect(model, variables, _scene(), short_edge=96, max_size=160)
+    levels = full["levels"]
+    for spec, want in (
+        ("whole", {0}),
+        ("part,subpart", {1, 2}),
+        (("subpart", "whole"), {0, 2}),
+        ((1,), {1}),
+        ("", {0, 1, 2}),
+        ("all", {0, 1, 2}),
+    ):
+        out = P.filter_detections(full, levels=spec)
+        keep = np.isin(levels, sorted(want))
+        assert len(out["scores"]) == keep.sum()
+        assert set(out["levels"].tolist()) <= want
+        for k in full:
+            np.testing.assert_array_equal(out[k], full[k][keep])
+    # Synthetic levels so that every level occurs.
+    fake = {k: v[:3] for k, v in full.items()}
+    fake["levels"] = np.array([2, 0, 1])
+    assert P.filter_detections(fake, levels="part")["levels"].tolist() == [1]
+    assert P.parse_levels("Part, whole") == (0, 1)
+    with pytest.raises(ValueError, match="whole,part,subpart"):
+        P.parse_levels("whole,parts")
+    with pytest.raises(ValueError, match="levels"):
+        P.parse_levels((3,))
+
+
+def test_detections_to_results_round_trip(random_model):
+    from pycocotools import mask as mask_utils
+
+    model, variables = random_model
+    dets = P.detect(model, variables, _scene(), short_edge=96, max_size=160)
+    res = P.detections_to_results(dets, 42)
+    assert len(res) == len(dets["scores"])
+    decoded = mask_utils.decode([r["segmentation"] for r in res]).transpose(2, 0, 1)
+    np.testing.assert_array_equal(decoded.astype(bool), dets["masks"])
+    for r, lp, lv in zip(res, dets["level_probs"], dets["levels"]):
+        assert r["image_id"] == 42 and r["hier_level"] == lv
+        np.testing.assert_allclose(r["level_probs"], lp, rtol=1e-6)
+    empty = P.filter_detections(dets, score_threshold=2.0)
+    assert P.detections_to_results(empty, 1) == []
+
+
+def test_list_inputs_folder_glob_file_and_coco_json(tmp_path):
+    import json
+
+    from PIL import Image
+
+    for name in ("b.png", "a.jpg", "c.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "z.png")
+    folder = P.list_inputs(str(tmp_path))
+    assert [(i, f) for _, i, f in folder] == [(1, "a.jpg"), (2, "b.png")]
+    assert folder[0][0] == str(tmp_path / "a.jpg")
+    globbed = P.list_inputs(str(tmp_path / "**" / "*.png"))
+    assert [f for _, _, f in globbed] == ["b.png", os.path.join("sub", "z.png")]
+    assert P.list_inputs(str(tmp_path / "sub" / "z.png")) == [
+        (str(tmp_path / "sub" / "z.png"), 1, "z.png")
+    ]
+    coco = {"images": [{"id": 9, "file_name": "z.png"}], "annotations": []}
+    (tmp_path / "sub" / "list.json").write_text(json.dumps(coco))
+    listed = P.list_inputs(str(tmp_path / "sub" / "list.json"))
+    assert listed == [(str(tmp_path / "sub" / "z.png"), 9, "z.png")]
+    other = P.list_inputs(str(tmp_path / "sub" / "list.json"), image_dir="/data")
+    assert other[0][0] == os.path.join("/data", "z.png")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        P.list_inputs(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        P.list_inputs(str(tmp_path / "*.gif"))
