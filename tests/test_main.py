@@ -118,3 +118,196 @@ def test_progress_reports_rate_eta_and_shares():
     p.update(5)
     s = p.summary()
     assert "5/10 images" in s and "ETA" in s and "decode 25%" in s and "crf 75%" in s
+
+
+# ----------------------------------------------------------------------------------------------
+# User errors: one line on stderr, exit code 2, no traceback.
+
+
+def _one_line_error(r):
+    """The run's error: exit code 2, one `error: ...` line (after the log lines written before
+    the error, if any), no traceback, no escaped newlines."""
+    import re
+
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    lines = [x for x in lines if not re.match(r"[IWEF]\d{4} \d\d:\d\d:\d\d", x)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "\\n" not in r.stderr
+    return lines[0]
+
+
+def test_misspelt_override_is_one_line_naming_the_field(tmp_path):
+    r = _run(
+        "--config", "configs/discover_coco.py", "--workdir", str(tmp_path), "--config.imagez=x"
+    )
+    line = _one_line_error(r)
+    assert "--config.imagez" in line and "--config.images" in line  # the typo and the fix
+
+
+def test_misspelt_nested_override_suggests_the_nested_field(tmp_path):
+    r = _run(
+        "--config", "configs/discover_coco.py", "--workdir", str(tmp_path), "--config.crf.srbg=3"
+    )
+    line = _one_line_error(r)
+    assert "--config.crf.srbg" in line and "--config.crf.srgb" in line
+
+
+def test_bad_override_value_is_one_line(tmp_path):
+    r = _run(
+        "--config",
+        "configs/discover_coco.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.image_size=big",
+    )
+    line = _one_line_error(r)
+    assert "--config.image_size" in line and "big" in line
+
+
+def test_missing_required_field_is_one_line(tmp_path):
+    r = _run("--config", "configs/discover_coco.py", "--workdir", str(tmp_path))
+    line = _one_line_error(r)
+    assert "--config.images" in line
+
+
+def test_missing_config_file_and_workdir_are_one_line(tmp_path):
+    line = _one_line_error(_run("--config", "configs/nope.py", "--workdir", str(tmp_path)))
+    assert "configs/nope.py" in line
+    line = _one_line_error(_run("--config", "configs/demo.py"))
+    assert "--workdir" in line
+    line = _one_line_error(_run("--workdir", str(tmp_path)))
+    assert "--config" in line
+
+
+def test_unknown_mode_is_one_line_listing_the_modes(tmp_path):
+    r = _run("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.mode=dicsover")
+    line = _one_line_error(r)
+    assert "dicsover" in line and all(m in line for m in main.MODES)
+
+
+def test_help_lists_the_modes():
+    r = _run("--help")
+    assert r.returncode == 0, r.stderr
+    for mode in main.MODES:
+        assert mode in r.stdout
+    assert "predict" in main.MODES and "--config" in r.stdout and "--workdir" in r.stdout
+
+
+def test_help_with_a_config_lists_its_fields_values_and_comments():
+    r = _run("--config", "configs/predict.py", "--help")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    (thr,) = [x for x in lines if "--config.score_threshold" in x]
+    assert "0.5" in thr and "#" in thr  # value and comment
+    assert any("--config.checkpoint" in x for x in lines)
+    # Overrides are applied before printing, nested fields are listed with their full path.
+    r = _run("--config", "configs/demo.py", "--config.crf.srgb=4", "--help")
+    assert r.returncode == 0, r.stderr
+    (srgb,) = [x for x in r.stdout.splitlines() if "--config.crf.srgb" in x]
+    assert "4" in srgb
+
+
+def _corrupt_file(path):
+    path.write_bytes(b"this is not a checkpoint" * 10)
+    return path
+
+
+def test_a_run_failing_at_start_up_does_not_lock_the_settings(tmp_path):
+    """A wrong DINO checkpoint stops the run; the corrected rerun (the hint's
+    --config.backbone=standin) in the same workdir runs instead of being refused."""
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(tmp_path / "imgs" / "1.png")
+    work = tmp_path / "w"
+    base = [
+        "--config",
+        "configs/discover_coco.py",
+        "--workdir",
+        str(work),
+        f"--config.images={tmp_path / 'imgs'}",
+        "--config.image_size=64",
+        "--config.num_workers=0",
+        "--config.crf.iterations=1",
+    ]
+    bad = _corrupt_file(tmp_path / "bad.pth")
+    line = _one_line_error(_run(*base, f"--config.dino_checkpoint={bad}"))
+    assert "bad.pth" in line
+    r = _run(*base, "--config.backbone=standin")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (work / "pseudo_labels" / "pseudo_labels_hier.json").exists()
+    assert os.listdir(work / "pictures") == ["1.png"]  # the pseudo-labels drawn
+    # Work has been committed now: the settings are locked.
+    line = _one_line_error(_run(*base, "--config.backbone=standin", "--config.min_area=7"))
+    assert "min_area" in line
+    # The run wrote its resolved config and a log file, as detectron2 writes config.yaml and
+    # log.txt; library INFO logs (orbax, absl internals) are kept out at the default level.
+    saved = json.loads((work / "config.json").read_text())
+    assert saved["backbone"] == "standin" and saved["image_size"] == 64
+    log = (work / "log.txt").read_text()
+    assert "mode=discover" in log and "bad.pth" in log  # every run appends, errors included
+
+
+def test_library_info_logs_are_filtered_unless_asked():
+    import logging as py_logging
+
+    def record(path, level):
+        return py_logging.LogRecord("absl", level, path, 1, "msg", (), None)
+
+    ours = os.path.join(os.path.dirname(main.__file__), "train", "x.py")
+    lib = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    f = main.LibraryLogFilter("warning")
+    assert f.filter(record(ours, py_logging.INFO))
+    assert not f.filter(record(lib, py_logging.INFO))
+    assert f.filter(record(lib, py_logging.WARNING))
+    assert main.LibraryLogFilter("info").filter(record(lib, py_logging.INFO))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_writes_respect_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        utils.atomic_write_json(str(tmp_path / "a.json"), [1])
+        utils.atomic_write_bytes(str(tmp_path / "b.bin"), b"x")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.bin"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+# ----------------------------------------------------------------------------------------------
+# The README stays true and self-contained.
+
+
+def _markdown_files():
+    files = [os.path.join(ROOT, "README.md")]
+    files += sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+    return files
+
+
+def test_readme_and_docs_links_resolve_inside_the_repository():
+    import re
+
+    assert len(_markdown_files()) >= 2, "docs/ holds the recipe"
+    for path in _markdown_files():
+        text = open(path, encoding="utf-8").read()
+        assert "../shared" not in text, path
+        for target in re.findall(r"\]\(([^)#\s]+)", text):
+            if "://" in target:
+                continue
+            full = os.path.normpath(os.path.join(os.path.dirname(path), target))
+            assert full.startswith(ROOT + os.sep), (path, target)
+            assert os.path.exists(full), (path, target)
+
+
+def test_readme_claims_no_mode_that_is_not_implemented():
+    import re
+
+    text = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    for mode in re.findall(r"`mode=(\w+)`", text) + re.findall(r"\| `(\w+)` \|", text):
+        assert mode in main.MODES, mode
+    if "mean_teacher" not in main.MODES:
+        for sentence in re.split(r"(?<=[.!?])\s", text):
+            if "Mean Teacher" in sentence:
+                assert "not implemented" in sentence, sentence
