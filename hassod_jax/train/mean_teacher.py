@@ -152,6 +152,8 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
     """
     from hassod_jax.train.schedules import adaptive_loss_weights
 
+    use_unsup = bool(unsup)
+
     def step_fn(state, label, unlabel, rng):
         t = state.step
         key = jax.random.fold_in(rng, t)
@@ -184,7 +186,7 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
         unsup_x = _images(unlabel, "images_strong")
         unsup_t = {k: tg[k] for k in ("boxes", "masks", "levels", "valid")}
         w_sup, w_unsup = adaptive_loss_weights(t, total_steps, sup_weight, unsup_weight)
-        if not unsup:
+        if not use_unsup:
             w_unsup = jnp.zeros_like(w_unsup)
 
         def loss_fn(params):
