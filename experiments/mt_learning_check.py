@@ -136,10 +136,15 @@ def main():
     p.add_argument("--stage1", type=int, default=400)
     p.add_argument("--mt", type=int, default=150)
     p.add_argument("--out", default="")
+    p.add_argument("--root", default="", help="keep data and workdirs here (reruns resume)")
     a = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    with tempfile.TemporaryDirectory() as root:
-        res = run(root, a.stage1, a.mt)
+    if a.root:
+        os.makedirs(a.root, exist_ok=True)
+        res = run(a.root, a.stage1, a.mt)
+    else:
+        with tempfile.TemporaryDirectory() as root:
+            res = run(root, a.stage1, a.mt)
     keys = list(res["start"])
     print(f"{res['instances']} training instances, {res['kept']} kept as labels; "
           f"stage 1 {res['stage1_steps']} steps, then {res['mt_steps']} steps each")
