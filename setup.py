@@ -37,6 +37,7 @@ setup(
         "pydensecrf2",
         "safetensors",
         "ml_dtypes",
+        "matplotlib",
     ],
     extras_require={
         # torch and torchvision are reference oracles only; they must be installed together.
