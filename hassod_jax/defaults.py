@@ -201,7 +201,6 @@ def mean_teacher():
     c.sup_weight = 1.0  # w_sup = sup_weight * (1 + cos(pi t / T)) / 2
     c.unsup_weight = 2.0  # w_unsup = unsup_weight + 1 - w_sup
     c.unsup = True  # False: the unlabeled branch weighted 0 (ablation: no teacher targets)
-    c.unsup = True  # False: the unlabeled branch weighted 0 (ablation: no teacher targets)
     c.seed = 0
     c.log_every = 20
     c.checkpoint_every = 500
