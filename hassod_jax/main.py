@@ -35,6 +35,7 @@ MODES = {
     "demo": "hassod_jax.demo:run",
     "train": "hassod_jax.train.supervised:run",
     "mean_teacher": "hassod_jax.train.mean_teacher:run",
+    "prepare_gt": "hassod_jax.data.prepare_gt:run",
     "evaluate": "hassod_jax.evaluate.coco_eval:run",
     "predict": "hassod_jax.evaluate.predict:run",
 }
@@ -65,6 +66,10 @@ MODE_HELP = {
         "stage 2, second part: Mean Teacher self-training from a trained detector",
     ),
     "evaluate": ("configs/evaluate.py", "class-agnostic COCO AP/AR of a prediction file"),
+    "prepare_gt": (
+        "configs/prepare_gt.py",
+        "class-agnostic ground truth from COCO, LVIS, Objects365, SA-1B, UVO or KITTI files",
+    ),
     "predict": (
         "configs/predict.py",
         "a trained detector on your images: predictions.json and pictures",
