@@ -3,8 +3,7 @@
     python -m hassod_jax.main --config configs/prepare_gt.py --workdir W \
         --config.format=lvis --config.input=/data/lvis/lvis_v1_val.json
 
-(until `prepare_gt` is registered in hassod_jax/main.py's MODES, the same flags work with
-`python -m hassod_jax.data.prepare_gt`). Writes one COCO instance JSON with the single
+Writes one COCO instance JSON with the single
 category {id 1, "fg"} (default `W/<format>_cls_agnostic.json`) and a summary beside it
 (`<output>.summary.json`: images, instances, per image, what was dropped and why, with the
 first few records of each reason). The original HASSOD evaluates on such files, prepared
@@ -58,7 +57,6 @@ Formats (`--config.format`), `--config.input` and what each reads:
 `--config.max_images=N` keeps the first N images of any format (file order; sorted for sa1b).
 """
 
-import json
 import math
 import os
 import re
@@ -838,7 +836,7 @@ def run(config, workdir):
         max_examples=config.get("max_examples", 5),
     )
     summary["output"] = output
-    utils.atomic_write_bytes(output, json.dumps(data).encode("utf-8"))
+    utils.atomic_write_json(output, data)
     utils.atomic_write_json(summary_path(output), summary, indent=1)
     logging.info(
         "%s: %d images, %d instances (%.2f per image, %d crowd) -> %s",
@@ -868,16 +866,3 @@ def run(config, workdir):
         )
     logging.info("Summary in %s", summary_path(output))
     return summary
-
-
-def main(argv=None):
-    """`python -m hassod_jax.data.prepare_gt --config configs/prepare_gt.py --workdir W ...`:
-    hassod_jax.main's command line with this mode registered (for as long as MODES lacks it)."""
-    from hassod_jax import main as cli_main
-
-    cli_main.MODES.setdefault("prepare_gt", "hassod_jax.data.prepare_gt:run")
-    cli_main.cli(argv)
-
-
-if __name__ == "__main__":
-    main()

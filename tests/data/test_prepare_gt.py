@@ -764,14 +764,15 @@ def test_rle_string_counts_matches_the_runs(tmp_path):
 
 
 def test_command_line(tmp_path):
-    """python -m hassod_jax.data.prepare_gt: the mode's command line (hassod_jax.main's)."""
+    """python -m hassod_jax.main --config configs/prepare_gt.py:lvis: the mode's command line,
+    its output files and the one-line error of a strict run."""
     path = _write(tmp_path / "lvis_v1_val.json", lvis_val())
     w = tmp_path / "w"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [
         sys.executable,
         "-m",
-        "hassod_jax.data.prepare_gt",
+        "hassod_jax.main",
         "--config",
         f"{CONFIG}:lvis",
         "--workdir",
