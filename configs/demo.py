@@ -19,6 +19,7 @@ def get_config(arg=None):
     c.photos = ("astronaut", "coffee", "chelsea", "rocket", "coins", "horse")
     c.max_pictures = 12  # pictures of the first images; -1 = all, 0 = none
     c.train_steps = 200  # a short run of the small detector on the pseudo-labels; 0 = off
+    c.mt_steps = 30  # then a short Mean Teacher run from that detector; 0 = off
     c.precise_bn_iters = 10  # PreciseBN at the detector's last step over this many batches; 0 = off
     c.picture_score_threshold = 0.5  # the detector's outputs drawn: score >= this
     c.chunk_size = 4
