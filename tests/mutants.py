@@ -240,6 +240,11 @@ def run_tests(root: str, ids, timeout: float) -> dict:
     junit = os.path.join(root, ".mutants_junit.xml")
     env = {**os.environ, "PYTHONPATH": root, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("CI", None)  # skips stay skips here: the baseline reports them
+    # The scratch copy has no ../shared beside it: point the tests at the real fixture, or the
+    # detector tests skip and no mutant of the detector can be caught.
+    fixture = os.path.join(ROOT, "..", "shared", "fixtures", "d2_hassod_cascade")
+    if os.path.isdir(fixture):
+        env.setdefault("HASSOD_D2_FIXTURE", os.path.abspath(fixture))
     t0 = time.perf_counter()
     r = subprocess.run(
         [sys.executable, "-c", _RUNNER, root, junit, *ids],
