@@ -338,3 +338,131 @@ def test_no_empty_instance_reaches_a_batch_with_copy_paste(records):
             assert ((boxes[:, 2] - boxes[:, 0]) > 1e-5).all(), (k, i)
             assert ((boxes[:, 3] - boxes[:, 1]) > 1e-5).all(), (k, i)
     assert n_instances > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Mean Teacher's strong views (`strong_views=True`).
+
+STRONG_SEED = 3
+
+
+def _strong_rng(step, index):
+    # The loader's documented stream: [seed, 2 (the strong-view tag), step, global index].
+    return np.random.default_rng([STRONG_SEED, 2, step, index])
+
+
+def test_strong_views_shapes_padding_instances_and_determinism(records):
+    from hassod_jax.data import strong_augment
+
+    kw = dict(seed=STRONG_SEED, image_dtype="uint8")  # copy-paste on: the view of the pasted image
+    plain = loader.DetectionBatchSource(records, small_config(**kw), 6, 0, 1)
+    strong = loader.DetectionBatchSource(records, small_config(strong_views=True, **kw), 6, 0, 1)
+    again = loader.DetectionBatchSource(records, small_config(strong_views=True, **kw), 6, 0, 1)
+    f32 = loader.DetectionBatchSource(
+        records, small_config(strong_views=True, seed=STRONG_SEED), 6, 0, 1
+    )
+    n_changed = 0
+    for k in range(6):
+        a, b = strong[k], plain[k]
+        # Turning strong views on adds one key and changes nothing else: the same weak images,
+        # sizes, ids and the same instances (boxes, masks, levels, valid) serve both views.
+        assert set(a) == set(b) | {"images_strong"}
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        s, w = a["images_strong"], a["images"]
+        assert s.shape == w.shape and s.dtype == w.dtype == np.uint8
+        for i, (h, wd) in enumerate(a["image_sizes"]):
+            assert not s[i, h:].any() and not s[i, :, wd:].any(), (k, i)  # zero padding
+            want = strong_augment.strong_view(w[i, :h, :wd], _strong_rng(k, i))
+            np.testing.assert_array_equal(s[i, :h, :wd], want, err_msg=f"step {k} image {i}")
+            n_changed += not np.array_equal(want, w[i, :h, :wd])
+        assert _same(a, again[k])  # deterministic per step (a fresh source, same batch)
+        # The float32 batch: both views normalised the same way, padding 0.
+        c = f32[k]
+        assert c["images_strong"].shape == c["images"].shape
+        assert c["images_strong"].dtype == c["images"].dtype == np.float32
+        np.testing.assert_allclose(
+            c["images_strong"], loader.normalize_padded(s, a["image_sizes"]), rtol=1e-6, atol=1e-6
+        )
+    assert n_changed > 0  # the views are not all the identity
+
+
+def test_strong_views_of_host_shards_match_one_host_and_grain(records):
+    # Each image's strong-view stream is indexed by its GLOBAL index in the batch, so two
+    # hosts together produce exactly one host's batch (copy-paste off: it pairs examples within
+    # a host's local batch by design).
+    cfg = small_config(
+        short_edges=(64,), buckets=((96, 160), (160, 96)), copy_paste=False, strong_views=True,
+        seed=STRONG_SEED, image_dtype="uint8",
+    )
+    one = loader.DetectionBatchSource(records, cfg, 4, 0, 1)
+    hosts = [loader.DetectionBatchSource(records, cfg, 4, p, 2) for p in range(2)]
+    for k in range(2):
+        full, halves = one[k], [h[k] for h in hosts]
+        for key in full:
+            np.testing.assert_array_equal(
+                np.concatenate([x[key] for x in halves]), full[key], err_msg=key
+            )
+    # Grain worker processes compute the same strong views as the in-process path.
+    it = loader.make_train_iterator(records, cfg, num_steps=2, worker_count=1,
+                                    process_index=0, process_count=1)
+    got = list(it)
+    it.close()
+    del it
+    gc.collect()
+    assert len(got) == 2 and all(_same(x, one[k]) for k, x in enumerate(got))
+
+
+def test_strong_view_is_pixel_aligned_with_the_resized_flipped_weak_view(records):
+    """Two loaders that differ only in flip_prob (0 vs 1) draw the same records, sizes and
+    strong-view choices (the flip coins are drawn whatever their probability), so the flipped
+    weak view is the mirror of the unflipped one. Every strong-view op except the random
+    erasing is flip-equivariant (colour ops per pixel or through image-wide statistics, PIL's
+    Gaussian blur symmetric), and the erased rectangles are drawn in the frame of the view
+    they are applied to. Hence, for the flipped example, with E the erased rectangles:
+      outside E and its mirror, strong(flipped) == mirror(strong(unflipped)), and
+      inside E, strong(flipped) == strong(unflipped) (same noise at the same coordinates).
+    A strong view computed on the un-flipped image and then flipped with the weak one would
+    put the noise at the MIRRORED rectangles, failing the second line; one computed before the
+    resize would have other rectangles (drawn for another (H, W)) and another shape. Both
+    wrong constructions are built here and shown to differ from what the loader gives."""
+    from hassod_jax.data import strong_augment
+
+    # Short sides 64 and 128 only: the 96 x 128 originals are always resized.
+    kw = dict(short_edges=(64, 128), copy_paste=False, strong_views=True, seed=STRONG_SEED,
+              image_dtype="uint8")
+    flipped = loader.DetectionBatchSource(records, small_config(flip_prob=1.0, **kw), 6, 0, 1)
+    unflipped = loader.DetectionBatchSource(records, small_config(flip_prob=0.0, **kw), 6, 0, 1)
+    n_erased = 0
+    for k in range(6):
+        rows_f, rows_n = flipped.local_rows(k), unflipped.local_rows(k)
+        np.testing.assert_array_equal(rows_f[:, :2], rows_n[:, :2])
+        assert rows_f[:, 2].all() and not rows_n[:, 2].any()
+        f, n = flipped[k], unflipped[k]
+        for i, (h, w) in enumerate(f["image_sizes"]):
+            wf, sf = f["images"][i, :h, :w], f["images_strong"][i, :h, :w]
+            wn, sn = n["images"][i, :h, :w], n["images_strong"][i, :h, :w]
+            np.testing.assert_array_equal(wf, wn[:, ::-1])
+            # Replaying with no op gives the weak view back: the strong view starts from it.
+            np.testing.assert_array_equal(strong_augment.apply_strong(wf, strong_augment.NO_OP),
+                                          wf)
+            params = strong_augment.sample_strong_params(_strong_rng(k, i), h, w)
+            erased = np.zeros((h, w), bool)
+            for e in params.erasings:
+                if e is not None:
+                    erased[e.top : e.top + e.height, e.left : e.left + e.width] = True
+            outside = ~(erased | erased[:, ::-1])
+            np.testing.assert_array_equal(sf[outside], sn[:, ::-1][outside], err_msg=(k, i))
+            np.testing.assert_array_equal(sf[erased], sn[erased], err_msg=(k, i))
+            # The wrong constructions differ from the loader's view.
+            on_unflipped = strong_augment.strong_view(wn, _strong_rng(k, i))[:, ::-1]
+            rec = records.load(int(rows_f[i, 0]))
+            on_original = strong_augment.strong_view(rec["image"][:, ::-1].copy(),
+                                                     _strong_rng(k, i))
+            assert on_original.shape[:2] == rec["image"].shape[:2] != (h, w)
+            resized_after = augment.resize_image(on_original, int(h), int(w))
+            assert not np.array_equal(resized_after, sf), (k, i)
+            if erased.any():
+                n_erased += 1
+                assert not np.array_equal(on_unflipped, sf), (k, i)
+    assert n_erased >= 10  # most of the 24 views have an erasing (p = 0.7 for the first)
