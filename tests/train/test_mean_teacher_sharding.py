@@ -23,6 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+# Each compiles the Mean Teacher step twice (about 7 min on 2 CPU cores): outside the default
+# suite's 20-minute budget. Run with `python -m pytest -m slow tests`.
+pytestmark = pytest.mark.slow
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hassod_jax.models import detector as D
