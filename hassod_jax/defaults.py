@@ -83,7 +83,10 @@ def training():
     c.train_json = config_dict.placeholder(str)  # e.g. W1/pseudo_labels/pseudo_labels_hier.json
     c.images = config_dict.placeholder(str)
     c.resnet_checkpoint = ""  # dino_resnet50_pretrain.pth or the detectron2-format .pkl
-    c.model = ml_collections.ConfigDict({"size": "r50", "use_droploss": True})
+    # level_loss_weight 0: the paper's "plain" ablation row (no level loss; see DetectorConfig).
+    c.model = ml_collections.ConfigDict(
+        {"size": "r50", "use_droploss": True, "level_loss_weight": 1.0}
+    )
     c.dtype = "bfloat16"  # compute dtype; parameters stay float32
     c.batch_size = 16  # global, over all devices and hosts
     c.max_iter = 40000
@@ -198,8 +201,12 @@ def mean_teacher():
     c.score_thresh = 0.7  # teacher detections with score > this become targets
     c.coverage = 0.75  # θ_cover of the level tree on the teacher's masks
     c.max_targets = 100  # target slots per image (the highest-scoring kept detections)
-    c.sup_weight = 1.0  # w_sup = sup_weight * (1 + cos(pi t / T)) / 2
-    c.unsup_weight = 2.0  # w_unsup = unsup_weight + 1 - w_sup
+    # 'adaptive' (the recipe): w_sup = sup_weight * (1 + cos(pi t / T)) / 2 and
+    # w_unsup = unsup_weight + 1 - w_sup; 'constant': w_sup = sup_weight, w_unsup = unsup_weight
+    # at every step (the "+ Mean Teacher" ablation row, without adaptive targets).
+    c.loss_weights = "adaptive"
+    c.sup_weight = 1.0
+    c.unsup_weight = 2.0
     c.unsup = True  # False: the unlabeled branch weighted 0 (ablation: no teacher targets)
     c.seed = 0
     c.log_every = 20

@@ -117,7 +117,26 @@ def test_hassod_dry_run_one_gpu(tree, tmp_path, capsys):
     assert f"--config.checkpoint={w}/train " in _stage_block(out, "predict_stage2_coco_lvis")
     assert f"{w}/train/checkpoints/40000" in _stage_block(out, "train")
     assert "--config.resnet_checkpoint=" in _stage_block(out, "train")
+    assert "train_plain" not in out and "mean_teacher_constant" not in out
     assert not os.path.exists(w)  # a dry run writes nothing
+    # --ablations: the "plain" and "+ Mean Teacher" rows' own runs and their evaluations.
+    code, out = _dry(
+        hassod, ["--work", w, "--ablations"] + fake_tree.script_args(tree), capsys
+    )
+    assert code == 0, out
+    block = _stage_block(out, "train_plain")
+    assert "--config.model.level_loss_weight=0.0" in block
+    assert f"{w}/ablation_plain/checkpoints/40000" in block
+    block = _stage_block(out, "mean_teacher_constant")
+    assert "--config.loss_weights=constant" in block
+    assert f"--config.init_checkpoint={w}/train " in block and "in  [from train]" in block
+    assert f"--config.checkpoint={w}/ablation_plain " in _stage_block(
+        out, "predict_plain_coco_lvis"
+    )
+    block = _stage_block(out, "predict_mt_constant_coco_lvis")
+    assert f"--config.checkpoint={w}/ablation_mean_teacher_constant/model_final" in block
+    assert "] evaluate_mt_constant_coco_lvis:" in out and "no problems found" in out
+    assert not os.path.exists(w)
 
 
 def test_hassod_dry_run_8_gpus_and_two_hosts(tree, tmp_path, capsys):
@@ -379,10 +398,22 @@ def test_table_in_the_papers_layout(tree, tmp_path, capsys):
     assert "| SA-1B (sa_000000) | – (29.0) | – (15.5) | – (26.0) | – (13.8) |" in text
     assert "| + level head | 20.6 (20.6) | 6.1 (6.1) |" in text
     assert "| + adaptive targets | 22.4 (22.4) | 6.3 (6.3) |" in text
-    assert "| plain | not reproduced (20.2) | not reproduced (5.7) |" in text
+    assert "| plain | not run (20.2) | not run (5.7) |" in text
+    assert "| + Mean Teacher | not run (22.1) | not run (5.5) |" in text
+    assert "plain: not run; --ablations adds it" in text
     rows = json.loads((w / "table.json").read_text())["rows"]
     assert rows["lvis"]["ours"]["Mask AR"] == 22.5 and rows["lvis"]["ours_AR@100"]["segm"] == 11.3
     assert rows["sa1b"]["evaluated"] is False
+    # --ablations: the two rows with runs of their own are read from their evaluations.
+    ev("plain_coco_lvis", (0.3, 0.07), (0.202, 0.057))
+    code = hassod.main(args + ["--ablations", "--stages", "table"])
+    assert code == 0, capsys.readouterr().out
+    text = (w / "table.md").read_text()
+    assert "| plain | 20.2 (20.2) | 5.7 (5.7) |" in text
+    assert "| + Mean Teacher | – (22.1) | – (5.5) |" in text  # not evaluated yet
+    assert "not run" not in text
+    rows = json.loads((w / "table.json").read_text())["rows"]
+    assert rows["plain"]["evaluated"] is True and rows["+ Mean Teacher"]["evaluated"] is False
 
 
 def test_pseudo_label_rows_dry_run_and_table(tree, tmp_path, capsys):

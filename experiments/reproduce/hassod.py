@@ -1,6 +1,8 @@
 """The paper's main row: HASSOD on Objects365, LVIS and SA-1B, and the detector ablation rows on
-COCO+LVIS val that the same run gives (+ level head: the stage-2.2 detector; + adaptive
-targets: the final Mean Teacher student).
+COCO+LVIS val: the two that the same run gives (+ level head: the stage-2.2 detector; + adaptive
+targets: the final Mean Teacher student) and, with --ablations, the two that need runs of their
+own (plain: stage 2.2 with the level loss weighted 0; + Mean Teacher: Mean Teacher with
+constant loss weights).
 
     python experiments/reproduce/hassod.py --work /runs/hassod \
         --coco /data/coco --lvis /data/lvis/lvis_v1_val.json \
@@ -17,6 +19,8 @@ Stages (each skipped when done, each resuming; `--stages a,b` runs a subset):
   discover [+ discover_merge]                       stage 1 pseudo-labels (sharded, merged)
   train                                             stage 2.2, 40k steps at batch 16
   mean_teacher                                      stage 2.3, 2k steps at 8 + 8
+  train_plain, mean_teacher_constant                --ablations: the "plain" and
+                                                    "+ Mean Teacher" rows' runs
   predict_* / evaluate_*                            detections (score > 0, 1000 per image)
                                                     and COCO AP/AR on every benchmark, plus
                                                     the stage-2.2 detector on COCO+LVIS
@@ -39,10 +43,10 @@ import chain  # noqa: E402
 from chain import Input, Stage  # noqa: E402
 
 BENCHMARKS = ("coco_lvis", "lvis", "objects365", "sa1b")
-NOT_REPRODUCED = {
-    "plain": "no switch turns the level head (its loss) off; it needs a model field",
-    "+ Mean Teacher": "Mean Teacher without adaptive targets needs constant loss weights; "
-    "mode=mean_teacher only has the cosine schedule (sup_weight / unsup_weight scale it)",
+# The ablation rows that need runs of their own (--ablations): how each is made.
+ABLATION_ONLY = {
+    "plain": "stage 2.2 again with model.level_loss_weight=0",
+    "+ Mean Teacher": "Mean Teacher again from the stage-2.2 detector with loss_weights=constant",
 }
 
 
@@ -71,6 +75,13 @@ def parse_args(argv=None):
         help="dino_resnet50_pretrain.pth or the d2 .pkl (stage 2); 'none' = random",
     )
     p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also the detector ablation rows that need runs of their own: 'plain' (stage 2.2 "
+        "without the level loss) and '+ Mean Teacher' (constant loss weights); each costs "
+        "about as much as the run it varies",
+    )
+    p.add_argument(
         "--benchmarks",
         default=",".join(BENCHMARKS),
         help=f"evaluated benchmarks, a subset of {','.join(BENCHMARKS)}",
@@ -88,6 +99,8 @@ def paths(args):
         "train": os.path.join(w, "train"),
         "mean_teacher": os.path.join(w, "mean_teacher"),
         "student": os.path.join(w, "mean_teacher", "model_final"),
+        "plain": os.path.join(w, "ablation_plain"),
+        "mt_constant": os.path.join(w, "ablation_mean_teacher_constant"),
         "eval": os.path.join(w, "eval"),
         "table": os.path.join(w, "table.md"),
     }
@@ -204,72 +217,23 @@ def build(args):
     stages += d_stages
     labels_from = d_stages[-1].name
 
-    # Stage 2.2.
-    train = {"train_json": P["pseudo_labels"], "images": coco}
-    if args.dino_resnet and args.dino_resnet != "none":
-        train["resnet_checkpoint"] = args.dino_resnet
-    elif not args.toy and not args.dino_resnet and wants("train"):
-        problems.append(
-            "--dino-resnet dino_resnet50_pretrain.pth is needed for stage 2 "
-            "('none' starts from random weights)"
-        )
-    train = chain.with_overrides(args, "train", train)
-    train_config = chain.config_for(args, "train", "train_coco.py")
-    max_iter = int(chain.config_value(train_config, "max_iter", train))
-    if wants("train"):
-        batch = int(chain.config_value(train_config, "batch_size", train))
-        chain.check_batch(args, problems, "train", batch)
-    t_inputs = [
-        Input("pseudo-labels", P["pseudo_labels"], produced_by=labels_from),
-        Input("COCO images", coco, "dir"),
-    ]
-    if "resnet_checkpoint" in train:
-        t_inputs.append(Input("DINO ResNet-50", train["resnet_checkpoint"], "checkpoint"))
-    stages.append(
-        Stage(
-            name="train",
-            what=f"stage 2.2: Cascade Mask R-CNN on the pseudo-labels, {max_iter} steps",
-            commands=[(chain.mode_cmd(train_config, P["train"], train), chain.host_env(args))],
-            inputs=t_inputs,
-            outputs=[os.path.join(P["train"], "checkpoints", str(max_iter))],
-            workdir=P["train"],
-            status=lambda: _ckpt_status(P["train"], max_iter),
-        )
-    )
-
-    # Stage 2.3.
-    mt = chain.with_overrides(
-        args,
-        "mean_teacher",
-        {"init_checkpoint": P["train"], "train_json": P["pseudo_labels"], "images": coco},
-    )
-    mt_config = chain.config_for(args, "mean_teacher", "mean_teacher_coco.py")
-    mt_iter = int(chain.config_value(mt_config, "max_iter", mt))
-    if wants("mean_teacher"):
-        for k in ("batch_size_label", "batch_size_unlabel"):
-            chain.check_batch(
-                args, problems, f"mean_teacher {k}", int(chain.config_value(mt_config, k, mt))
-            )
-    stages.append(
-        Stage(
-            name="mean_teacher",
-            what=f"stage 2.3: Mean Teacher with adaptive targets, {mt_iter} steps; the student "
-            f"is exported to {P['student']}",
-            commands=[
-                (
-                    chain.mode_cmd(mt_config, P["mean_teacher"], mt),
-                    chain.host_env(args),
-                )
-            ],
-            inputs=[
-                Input("stage-2.2 detector", P["train"], "checkpoint", produced_by="train"),
-                Input("pseudo-labels", P["pseudo_labels"], produced_by=labels_from),
-            ],
-            outputs=[P["student"]],
-            workdir=P["mean_teacher"],
-            status=lambda: _ckpt_status(P["mean_teacher"], mt_iter),
-        )
-    )
+    # Stage 2.2 and 2.3, and with --ablations the two rows they do not give: "plain" (2.2 with
+    # the level loss weighted 0) and "+ Mean Teacher" (2.3 with constant loss weights).
+    labels = Input("pseudo-labels", P["pseudo_labels"], produced_by=labels_from)
+    stages.append(_train_stage(args, problems, wants, "train", P["train"], {}, labels,
+                               "stage 2.2: Cascade Mask R-CNN on the pseudo-labels"))
+    stages.append(_mean_teacher_stage(
+        args, problems, wants, "mean_teacher", P["mean_teacher"], "train", P["train"], {},
+        labels, "stage 2.3: Mean Teacher with adaptive targets"))
+    if args.ablations:
+        stages.append(_train_stage(
+            args, problems, wants, "train_plain", P["plain"], {"model.level_loss_weight": 0.0},
+            labels, "ablation 'plain': stage 2.2 with the level loss weighted 0 (no level head)"))
+        stages.append(_mean_teacher_stage(
+            args, problems, wants, "mean_teacher_constant", P["mt_constant"], "train",
+            P["train"], {"loss_weights": "constant"}, labels,
+            "ablation '+ Mean Teacher': stage 2.3 with constant loss weights (1 and 2), no "
+            "adaptive targets"))
 
     if args.hosts > 1 and args.launcher == "local" and (wants("train") or wants("mean_teacher")):
         problems.append(
@@ -280,6 +244,10 @@ def build(args):
 
     # Evaluation: the student on every benchmark, the stage-2.2 detector on COCO+LVIS.
     runs = [("stage2", P["train"], "train", "coco_lvis")]
+    if args.ablations:
+        runs += [("plain", P["plain"], "train_plain", "coco_lvis"),
+                 ("mt_constant", os.path.join(P["mt_constant"], "model_final"),
+                  "mean_teacher_constant", "coco_lvis")]
     runs += [("final", P["student"], "mean_teacher", b) for b in benchmarks]
     for tag, ckpt, producer, b in runs:
         if b not in gt_inputs:
@@ -330,6 +298,65 @@ def build(args):
     return stages, problems
 
 
+def _train_stage(args, problems, wants, name, workdir, extra, labels, what):
+    """A stage-2.2 run (`name`, in `workdir`) of configs/train_coco.py with `extra` fields."""
+    coco = os.path.abspath(args.coco)
+    fields = {"train_json": labels.path, "images": coco, **extra}
+    if args.dino_resnet and args.dino_resnet != "none":
+        fields["resnet_checkpoint"] = args.dino_resnet
+    elif not args.toy and not args.dino_resnet and wants(name):
+        problems.append(
+            f"{name}: --dino-resnet dino_resnet50_pretrain.pth is needed for stage 2 "
+            "('none' starts from random weights)"
+        )
+    fields = chain.with_overrides(args, "train", fields)
+    config = chain.config_for(args, "train", "train_coco.py")
+    max_iter = int(chain.config_value(config, "max_iter", fields))
+    if wants(name):
+        chain.check_batch(args, problems, name, int(chain.config_value(config, "batch_size",
+                                                                        fields)))
+    inputs = [labels, Input("COCO images", coco, "dir")]
+    if "resnet_checkpoint" in fields:
+        inputs.append(Input("DINO ResNet-50", fields["resnet_checkpoint"], "checkpoint"))
+    return Stage(
+        name=name,
+        what=f"{what}, {max_iter} steps",
+        commands=[(chain.mode_cmd(config, workdir, fields), chain.host_env(args))],
+        inputs=inputs,
+        outputs=[os.path.join(workdir, "checkpoints", str(max_iter))],
+        workdir=workdir,
+        status=lambda: _ckpt_status(workdir, max_iter),
+    )
+
+
+def _mean_teacher_stage(args, problems, wants, name, workdir, init_stage, init, extra, labels,
+                        what):
+    """A Mean Teacher run (`name`, in `workdir`) from the detector `init_stage` made in `init`;
+    its student is exported to workdir/model_final."""
+    fields = chain.with_overrides(
+        args,
+        "mean_teacher",
+        {"init_checkpoint": init, "train_json": labels.path, "images": os.path.abspath(args.coco),
+         **extra},
+    )
+    config = chain.config_for(args, "mean_teacher", "mean_teacher_coco.py")
+    max_iter = int(chain.config_value(config, "max_iter", fields))
+    if wants(name):
+        for k in ("batch_size_label", "batch_size_unlabel"):
+            chain.check_batch(args, problems, f"{name} {k}",
+                              int(chain.config_value(config, k, fields)))
+    student = os.path.join(workdir, "model_final")
+    return Stage(
+        name=name,
+        what=f"{what}, {max_iter} steps; the student is exported to {student}",
+        commands=[(chain.mode_cmd(config, workdir, fields), chain.host_env(args))],
+        inputs=[Input("stage-2.2 detector", init, "checkpoint", produced_by=init_stage), labels],
+        outputs=[student],
+        workdir=workdir,
+        status=lambda: _ckpt_status(workdir, max_iter),
+    )
+
+
 def _ckpt_status(workdir, max_iter):
     step = chain.checkpoint_step(workdir)
     return f"resumes at step {step} of {max_iter}" if step else "to run"
@@ -375,18 +402,21 @@ def write_table(args):
     lines.append("")
     lines.append("| row | Mask AR | Mask AP |")
     lines.append("|---|---|---|")
-    sources = {"+ level head": "stage2_coco_lvis", "+ adaptive targets": "final_coco_lvis"}
+    sources = {"plain": "plain_coco_lvis", "+ level head": "stage2_coco_lvis",
+               "+ Mean Teacher": "mt_constant_coco_lvis",
+               "+ adaptive targets": "final_coco_lvis"}
     for row, (par, pap) in chain.PAPER_DETECTOR_ABLATION.items():
-        if row in NOT_REPRODUCED:
-            lines.append(f"| {row} | not reproduced ({par:.1f}) | not reproduced ({pap:.1f}) |")
-            rows[row] = {"paper": [par, pap], "not_reproduced": NOT_REPRODUCED[row]}
+        if row in ABLATION_ONLY and not args.ablations:
+            lines.append(f"| {row} | not run ({par:.1f}) | not run ({pap:.1f}) |")
+            rows[row] = {"paper": [par, pap], "not_run": ABLATION_ONLY[row]}
             continue
         e = ev(sources[row])
         ar, ap = chain.metric(e, "segm", chain.AR_KEY), chain.metric(e, "segm", "AP")
         rows[row] = {"ours": [ar, ap], "paper": [par, pap], "evaluated": e is not None}
         lines.append(f"| {row} | {chain.cell(ar, par)} | {chain.cell(ap, pap)} |")
-    for row, why in NOT_REPRODUCED.items():
-        lines.append(f"\n{row}: not reproduced: {why}.")
+    if not args.ablations:
+        for row, how in ABLATION_ONLY.items():
+            lines.append(f"\n{row}: not run; --ablations adds it ({how}).")
     text = "\n".join(lines) + "\n"
     sys.path.insert(0, chain.REPO)
     from hassod_jax import utils

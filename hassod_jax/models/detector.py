@@ -89,6 +89,11 @@ class DetectorConfig:
     # (None: roi_batch_size_per_image * roi_positive_fraction, the sampler's maximum).
     mask_max_fg: int | None = None
     num_levels: int = 3
+    # Weight of each stage's level loss (the original's `loss_weight.get('loss_level', 1.0)`).
+    # 0 is the paper's "plain" ablation row (HASSOD_SPEC 2.3; PRED_LEVEL False): no gradient
+    # reaches any shared weight from the level head, so every box, score and mask is that of a
+    # detector without one; only its (then untrained) level outputs remain.
+    level_loss_weight: float = 1.0
     use_droploss: bool = True
     droploss_iou_thresh: float = 0.01
     # 'original': the matched gt of the first K sampled rows (HASSOD's code); 'all_gt': every
@@ -376,7 +381,9 @@ class CascadeMaskRCNN(nn.Module):
             out[f"stage{k}/cls"], out[f"stage{k}/box"] = L.fast_rcnn_losses(
                 cls, dl, gt_deltas, is_fg, valid, weights
             )
-            out[f"stage{k}/level"] = L.level_loss(lvl, _take(gt_levels, matched), is_fg & valid)
+            out[f"stage{k}/level"] = cfg.level_loss_weight * L.level_loss(
+                lvl, _take(gt_levels, matched), is_fg & valid
+            )
 
         # ---- mask head on the first stage's foreground sample
         boxes0, matched0, fg0 = first

@@ -142,16 +142,19 @@ def _gt(batch, width):
 
 def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
                  score_thresh=SCORE_THRESH, coverage=COVERAGE, max_targets=100,
-                 sup_weight=1.0, unsup_weight=2.0, unsup=True):
+                 sup_weight=1.0, unsup_weight=2.0, unsup=True, loss_weights="adaptive"):
     """(state, label_batch, unlabel_batch, rng) -> (state, metrics).
 
     Each batch as the loader emits it, with the weak view in "images" and the strong view
     (same geometry) in "images_strong"; the unlabel batch's own instances are not used.
     `unsup=False` weights the unlabeled branch 0 (an ablation: the same data and schedule
-    without the teacher's targets).
+    without the teacher's targets). `loss_weights='constant'` holds w_sup = sup_weight and
+    w_unsup = unsup_weight at every step (the paper's "+ Mean Teacher" ablation row, a Mean
+    Teacher without adaptive targets); 'adaptive' is the recipe's cosine schedule.
     """
-    from hassod_jax.train.schedules import adaptive_loss_weights
+    from hassod_jax.train.schedules import mean_teacher_loss_weights
 
+    mean_teacher_loss_weights(loss_weights, 0, total_steps)  # refuses an unknown kind now
     use_unsup = bool(unsup)
 
     def step_fn(state, label, unlabel, rng):
@@ -185,7 +188,9 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
         sup_sizes = jnp.concatenate([label["image_sizes"], label["image_sizes"]])
         unsup_x = _images(unlabel, "images_strong")
         unsup_t = {k: tg[k] for k in ("boxes", "masks", "levels", "valid")}
-        w_sup, w_unsup = adaptive_loss_weights(t, total_steps, sup_weight, unsup_weight)
+        w_sup, w_unsup = mean_teacher_loss_weights(
+            loss_weights, t, total_steps, sup_weight, unsup_weight
+        )
         if not use_unsup:
             w_unsup = jnp.zeros_like(w_unsup)
 
@@ -295,6 +300,11 @@ def train(config, workdir):
     for name in ("init_checkpoint", "train_json", "images"):
         if not os.path.exists(config.get(name)):
             raise FileNotFoundError(f"config.{name} does not exist: {config.get(name)}")
+    if config.get("loss_weights", "adaptive") not in ("adaptive", "constant"):
+        raise utils.ConfigError(
+            "config.loss_weights must be 'adaptive' or 'constant', got "
+            f"{config.get('loss_weights')!r}"
+        )
     mesh = parallel.global_mesh()
     n_dev = mesh.devices.size
     for name in ("batch_size_label", "batch_size_unlabel"):
@@ -336,6 +346,7 @@ def train(config, workdir):
             score_thresh=config.score_thresh, coverage=config.coverage,
             max_targets=config.max_targets, sup_weight=config.sup_weight,
             unsup_weight=config.unsup_weight, unsup=config.get("unsup", True),
+            loss_weights=config.get("loss_weights", "adaptive"),
         ),
         in_shardings=(replicated, data, data, replicated),
         out_shardings=(replicated, replicated),

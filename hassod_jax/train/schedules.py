@@ -79,3 +79,14 @@ def adaptive_loss_weights(step, total_steps, sup_start=1.0, unsup_base=2.0):
     frac = jnp.clip(jnp.asarray(step) / max(total_steps, 1), 0.0, 1.0)
     w_sup = sup_start * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
     return w_sup, unsup_base + 1.0 - w_sup
+
+
+def mean_teacher_loss_weights(kind, step, total_steps, sup_weight=1.0, unsup_weight=2.0):
+    """(w_sup, w_unsup) of the Mean Teacher step at `step`: 'adaptive' is the recipe's schedule
+    (`adaptive_loss_weights`); 'constant' holds (sup_weight, unsup_weight) at every step (a Mean
+    Teacher without adaptive targets, the paper's "+ Mean Teacher" ablation row)."""
+    if kind == "adaptive":
+        return adaptive_loss_weights(step, total_steps, sup_weight, unsup_weight)
+    if kind == "constant":
+        return jnp.asarray(sup_weight, jnp.float32), jnp.asarray(unsup_weight, jnp.float32)
+    raise ValueError(f"loss_weights must be 'adaptive' or 'constant', got {kind!r}")

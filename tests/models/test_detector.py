@@ -239,6 +239,45 @@ def test_train_step_compiles_once_and_sharding_matches(model_and_vars):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
 
 
+def test_level_loss_weight_zero_is_the_detector_without_a_level_head(model_and_vars):
+    """`level_loss_weight=0` (the paper's "plain" row): the level losses are 0, the level head
+    gets no gradient, and every other gradient is that of the ordinary model's losses without
+    the level terms (what a detector without the head trains on)."""
+    model, variables = model_and_vars
+    plain = D.CascadeMaskRCNN(dataclasses.replace(CFG, level_loss_weight=0.0))
+    images, targets = _batch(1)
+
+    def losses_of(m, params):
+        out, _ = m.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, images, targets,
+            train=True, rng=jax.random.PRNGKey(1), mutable=["batch_stats"],
+        )
+        return out
+
+    def both(params):
+        g0, l0 = jax.grad(lambda p: (lambda o: (sum(o.values()), o))(losses_of(plain, p)),
+                          has_aux=True)(params)
+        g1 = jax.grad(
+            lambda p: sum(v for k, v in losses_of(model, p).items() if not k.endswith("/level"))
+        )(params)
+        return g0, l0, g1
+
+    g0, l0, g1 = jax.jit(both)(variables["params"])
+    for k in range(3):
+        assert float(l0[f"stage{k}/level"]) == 0.0
+    flat1 = dict(jax.tree_util.tree_leaves_with_path(g1))
+    heads = 0
+    for path, a in jax.tree_util.tree_leaves_with_path(g0):
+        a, b = np.asarray(a), np.asarray(flat1[path])
+        if "level_predictor" in jax.tree_util.keystr(path):
+            heads += 1
+            assert not np.any(a), path
+            continue
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max() + 1e-12,
+                                   err_msg=jax.tree_util.keystr(path))
+    assert heads == 2 * CFG.num_stages  # kernel and bias of each stage's level predictor
+
+
 def test_inference_outputs_and_errors(model_and_vars):
     model, variables = model_and_vars
     images = _batch(3)[0][:2]

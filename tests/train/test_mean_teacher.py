@@ -64,6 +64,32 @@ def _det(boxes, scores, masks):
     }
 
 
+def test_constant_loss_weights_for_the_mean_teacher_ablation(tmp_path):
+    """loss_weights='constant' (the "+ Mean Teacher" row without adaptive targets) holds the
+    configured weights at every step; 'adaptive' is the schedule above; anything else is
+    refused by the step builder and, as a one-line config error, by the run."""
+    from hassod_jax import defaults, utils
+
+    for t in (0, 700, 1999):
+        ws, wu = schedules.mean_teacher_loss_weights("constant", t, 2000, 1.0, 2.0)
+        assert (float(ws), float(wu)) == (1.0, 2.0)
+        ws, wu = schedules.mean_teacher_loss_weights("constant", t, 2000, 0.5, 4.0)
+        assert (float(ws), float(wu)) == (0.5, 4.0)
+        a = schedules.mean_teacher_loss_weights("adaptive", t, 2000, 1.0, 2.0)
+        b = schedules.adaptive_loss_weights(t, 2000, 1.0, 2.0)
+        assert [float(x) for x in a] == [float(x) for x in b]
+    with pytest.raises(ValueError, match="loss_weights must be 'adaptive' or 'constant'"):
+        MT.make_mt_step(None, None, None, total_steps=10, loss_weights="cosine")
+    c = defaults.mean_teacher()
+    for name in ("init_checkpoint", "train_json", "images"):
+        c[name] = str(tmp_path)
+    c.loss_weights = "fixed"
+    with pytest.raises(utils.ConfigError) as e:
+        MT.train(c, str(tmp_path / "work"))
+    assert str(e.value) == "config.loss_weights must be 'adaptive' or 'constant', got 'fixed'"
+    assert not (tmp_path / "work").exists()
+
+
 def test_teacher_targets_on_crafted_detections():
     m = np.zeros((6, 28, 28), np.float32)
     m[:] = 1.0  # full boxes

@@ -1,7 +1,7 @@
 """hassod.py --toy's stage 2.2: the small detector on 96 x 128 scenes, 4 steps (CPU size).
 
-The model fields below are not fields of configs/train_coco.py (its `model` holds size and
-use_droploss only), so the toy preset needs a config file of its own.
+The model fields below are not fields of configs/train_coco.py (its `model` holds size,
+use_droploss and level_loss_weight only), so the toy preset needs a config file of its own.
 """
 
 from hassod_jax import defaults
