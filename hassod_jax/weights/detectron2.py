@@ -418,9 +418,22 @@ def _orbax_step_dir(path: str) -> str | None:
 def _read_orbax(step_dir: str) -> dict:
     import orbax.checkpoint as ocp
 
+    import jax
+
+    path = os.path.join(os.path.abspath(step_dir), "state")
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            state = ckptr.restore(os.path.join(os.path.abspath(step_dir), "state"))
+            # Restored onto this process's first device whatever mesh saved it: a run trained
+            # on 8 devices is read for prediction on 1 (orbax refuses a restore without a target
+            # when the device topology differs from the saving one).
+            meta = ckptr.metadata(path).item_metadata
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+                if hasattr(m, "shape") else m,
+                getattr(meta, "tree", meta),
+            )
+            state = ckptr.restore(path, target)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a broken directory
         raise CheckpointError(f"{step_dir}: cannot read the orbax checkpoint ({e})") from None
     if not isinstance(state, dict) or "params" not in state:

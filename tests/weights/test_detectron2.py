@@ -143,6 +143,47 @@ def test_our_training_checkpoint_loads(tmp_path):
         W.load_detector(tmp_path)
 
 
+def test_a_checkpoint_saved_on_8_devices_loads_on_1(tmp_path):
+    """Trained on a mesh of 8 devices, predicted on one: the state replicated over the 8 forced
+    host devices is saved as training saves it, then loaded in a process that has a single
+    device (orbax alone refuses: 'Topology mismatch'). The loaded arrays equal the saved."""
+    import subprocess
+    import sys
+
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from hassod_jax.train import checkpoint as ckpt_lib
+    from hassod_jax.train import supervised
+
+    assert jax.device_count() == 8, "conftest forces 8 host devices"
+    model = D.CascadeMaskRCNN(D.SMALL_CONFIG)
+    state = supervised.init_state(model, supervised.optim.sgd(0.01), jax.random.PRNGKey(2))
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    ck = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints")
+    ck.save(4, state, {})
+    ck.close()
+    np.savez(tmp_path / "want.npz", *[np.asarray(x) for x in jax.tree_util.tree_leaves(
+        {"params": state.params, "batch_stats": state.batch_stats})])
+    code = (
+        "import sys, jax, numpy as np\n"
+        "from hassod_jax.weights.detectron2 import load_detector\n"
+        "assert jax.device_count() == 1\n"
+        "_, v = load_detector(sys.argv[1])\n"
+        "want = np.load(sys.argv[2])\n"
+        "got = jax.tree_util.tree_leaves(v)\n"
+        "assert len(got) == len(want.files), (len(got), len(want.files))\n"
+        "for i, g in enumerate(got):\n"
+        "    np.testing.assert_array_equal(np.asarray(g), want[f'arr_{i}'])\n"
+        "print('LOADED', len(got))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "W"), str(tmp_path / "want.npz")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LOADED" in r.stdout
+
+
 def _write(tmp_path, sd, name="bad.pth"):
     path = tmp_path / name
     save_torch_checkpoint(path, {"model": collections.OrderedDict(sd)})
