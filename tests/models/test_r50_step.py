@@ -3,7 +3,7 @@ FPN, 2000/4000 RPN top-k, 512 ROIs per image, 1024-wide box heads, 4-conv mask h
 `supervised.build_model` for `config.model.size = 'r50'`, its backbone initialised by
 `supervised.init_state(..., resnet_checkpoint=...)` from a torchvision ResNet-50 file the test
 writes (`torch.save` of a randomly initialised `torchvision.models.resnet50` state dict), and
-stepped once by the training step on two 128 x 128 images, float32.
+stepped once by the training step on two 64 x 64 images, float32.
 
 Also `init_state`'s refusal of a checkpoint that does not fit the configured backbone.
 """
@@ -13,32 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from hassod_jax import defaults
 from hassod_jax.models import detector as D
 from hassod_jax.models import resnet
 from hassod_jax.train import supervised
+from tests.models.torch_resnet import resnet50_with_random_bn
 
-H = W = 128
+H = W = 64
 B = 2
 
 
 @pytest.fixture(scope="module")
 def r50_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None)
-    # BN statistics and affine parameters away from their defaults, so that a backbone left at
-    # its own initialisation cannot pass for the loaded one.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    model, _ = resnet50_with_random_bn()
     sd = model.state_dict()
     path = tmp_path_factory.mktemp("r50") / "dino_resnet50_pretrain.pth"
     torch.save(sd, path)
@@ -57,7 +45,7 @@ def _config():
 
 
 def _batch(seed=0):
-    """Two 128 x 128 uint8 images with three instances each (one padding slot in image 1)."""
+    """Two H x W uint8 images with three instances each (one padding slot in image 1)."""
     r = np.random.default_rng(seed)
     images = r.integers(0, 256, size=(B, H, W, 3), dtype=np.uint8)
     boxes = np.array(
@@ -66,7 +54,7 @@ def _batch(seed=0):
             [[0, 0, 64, 64], [20, 50, 127, 127], [0, 0, 0, 0]],
         ],
         np.float32,
-    )
+    ) * (H / 128)
     valid = np.array([[True, True, True], [True, True, False]])
     yy, xx = np.mgrid[0:H, 0:W]
     masks = (
@@ -78,7 +66,7 @@ def _batch(seed=0):
     )
     return {
         "images": images,
-        "image_sizes": np.array([[H, W], [H, 112]], np.int32),
+        "image_sizes": np.array([[H, W], [H, W * 7 // 8]], np.int32),
         "boxes": boxes,
         "masks": masks,
         "levels": np.array([[0, 1, 2], [0, 1, 0]], np.int32),

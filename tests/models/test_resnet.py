@@ -11,22 +11,12 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from hassod_jax.models import resnet  # noqa: E402
+from tests.models.torch_resnet import resnet50_with_random_bn  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def torch_resnet50():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None)
-    # Random BN statistics and affine params so that eval-mode BN is not the identity.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    model, g = resnet50_with_random_bn()
     model.eval()
     x = torch.randn(2, 3, 64, 96, generator=g)
     with torch.no_grad():
