@@ -166,6 +166,21 @@ MUTANTS = [
     ),
 ]
 
+MUTANTS.append(
+    Mutant(
+        "mask_targets_transposed",
+        "the mask head trained against transposed ground-truth masks (rows and columns swapped)",
+        (
+            Edit(
+                "hassod_jax/models/detector.py",
+                "            gt_masks, mboxes, mmatched\n        )",
+                "            jnp.swapaxes(gt_masks, -1, -2), mboxes, mmatched\n        )",
+            ),
+        ),
+        ("tests/train/test_learning.py", "tests/models/test_d2_train_step.py"),
+    )
+)
+
 _IGNORE = shutil.ignore_patterns(
     ".git", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", "build", "workdir*", ".whl"
 )
@@ -196,7 +211,9 @@ class CheckImports:
 import pytest
 
 check = CheckImports()
-args = ["-q", "-p", "no:cacheprovider", "--tb=line", "-rfE", f"--junitxml={junit}", *ids]
+# -n 0: in this process (the import check looks at this process's modules).
+args = ["-q", "-n", "0", "-p", "no:cacheprovider", "--tb=line", "-rfE", f"--junitxml={junit}",
+        *ids]
 code = pytest.main(args, plugins=[check])
 if check.bad:
     print("mutants: modules loaded from outside the scratch copy: " + ", ".join(check.bad))
@@ -306,12 +323,16 @@ def main(argv=None) -> int:
 
     scratch = tempfile.mkdtemp(prefix="hassod_mutants_")
     try:
-        # Every edit must apply before anything runs.
-        probe = os.path.join(scratch, "probe")
-        copy_tree(probe)
+        # Every edit must apply before anything runs: each mutant alone on a fresh copy (two
+        # mutants may edit the same line).
         for m in mutants:
+            probe = os.path.join(scratch, "probe")
+            os.makedirs(probe)
+            for e in m.edits:
+                os.makedirs(os.path.dirname(os.path.join(probe, e.path)), exist_ok=True)
+                shutil.copy(os.path.join(ROOT, e.path), os.path.join(probe, e.path))
             apply(m, probe)
-        shutil.rmtree(probe)
+            shutil.rmtree(probe)
         if not args.no_baseline:
             ids = list(dict.fromkeys(t for m in mutants for t in m.tests))
             base = os.path.join(scratch, "baseline")
