@@ -45,6 +45,9 @@ setup(
         # test; it imports importlib_resources without declaring it.
         "test": [
             "pytest",
+            # Two test workers (pyproject's addopts): XLA compiles, which dominate the suite,
+            # are mostly single-threaded, so two workers on a 2-core machine nearly halve it.
+            "pytest-xdist",
             "torch>=2.9",
             "torchvision>=0.24",
             "tensorflow-datasets",

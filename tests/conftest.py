@@ -19,6 +19,24 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent XLA compilation cache for the session, shared with every subprocess a test
+# starts (they inherit the environment): a resumed run, a second demo run or a reference run
+# compiles the same programs again, and on a 2-core CI machine compiles dominate. A fresh
+# folder per session (no results carried between sessions); HASSOD_TEST_NO_COMPILE_CACHE=1
+# turns it off.
+if not os.environ.get("HASSOD_TEST_NO_COMPILE_CACHE") and not os.environ.get(
+    "JAX_COMPILATION_CACHE_DIR"
+):
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="hassod_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 
 def skips_fail() -> bool:
     """True when skips must fail: the environment variable CI is set to a true value."""

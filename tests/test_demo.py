@@ -71,6 +71,7 @@ def test_demo_command_runs_twice_on_one_workdir(tmp_path):
         "--config.image_size=160",
         "--config.num_workers=0",
         "--config.train_steps=2",
+        "--config.mt_steps=2",
         "--config.precise_bn_iters=2",
         "--config.max_pictures=2",
         "--config.picture_score_threshold=0.0",
