@@ -10,8 +10,8 @@
 
     python experiments/mt_learning_check.py [--stage1 400] [--mt 150] [--out FILE.json]
 
-Fixed seeds; prints a table and writes the numbers as JSON. tests/train/test_mt_learning.py
-runs a shorter version of the same thing with a bar set from these measurements.
+Fixed seeds; prints a table and writes the numbers as JSON. About 25 minutes on a 2-core CPU
+(experiments/RESULTS.md), so the test suite does not run it.
 """
 
 import argparse
