@@ -164,9 +164,6 @@ MUTANTS = [
         ),
         ("tests/models/test_d2_train_step.py",),
     ),
-]
-
-MUTANTS.append(
     Mutant(
         "mask_targets_transposed",
         "the mask head trained against transposed ground-truth masks (rows and columns swapped)",
@@ -178,8 +175,8 @@ MUTANTS.append(
             ),
         ),
         ("tests/train/test_learning.py", "tests/models/test_d2_train_step.py"),
-    )
-)
+    ),
+]
 
 _IGNORE = shutil.ignore_patterns(
     ".git", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", "build", "workdir*", ".whl"

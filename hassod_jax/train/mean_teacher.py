@@ -152,9 +152,7 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
     w_unsup = unsup_weight at every step (the paper's "+ Mean Teacher" ablation row, a Mean
     Teacher without adaptive targets); 'adaptive' is the recipe's cosine schedule.
     """
-    from hassod_jax.train.schedules import mean_teacher_loss_weights
-
-    mean_teacher_loss_weights(loss_weights, 0, total_steps)  # refuses an unknown kind now
+    schedules.mean_teacher_loss_weights(loss_weights, 0, total_steps)  # refuses an unknown kind now
     use_unsup = bool(unsup)
 
     def step_fn(state, label, unlabel, rng):
@@ -188,7 +186,7 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
         sup_sizes = jnp.concatenate([label["image_sizes"], label["image_sizes"]])
         unsup_x = _images(unlabel, "images_strong")
         unsup_t = {k: tg[k] for k in ("boxes", "masks", "levels", "valid")}
-        w_sup, w_unsup = mean_teacher_loss_weights(
+        w_sup, w_unsup = schedules.mean_teacher_loss_weights(
             loss_weights, t, total_steps, sup_weight, unsup_weight
         )
         if not use_unsup:
@@ -300,11 +298,10 @@ def train(config, workdir):
     for name in ("init_checkpoint", "train_json", "images"):
         if not os.path.exists(config.get(name)):
             raise FileNotFoundError(f"config.{name} does not exist: {config.get(name)}")
-    if config.get("loss_weights", "adaptive") not in ("adaptive", "constant"):
-        raise utils.ConfigError(
-            "config.loss_weights must be 'adaptive' or 'constant', got "
-            f"{config.get('loss_weights')!r}"
-        )
+    try:  # the schedule's own check of the kind, as a config error
+        schedules.mean_teacher_loss_weights(config.get("loss_weights", "adaptive"), 0, 1)
+    except ValueError as e:
+        raise utils.ConfigError(f"config.{e}") from None
     mesh = parallel.global_mesh()
     n_dev = mesh.devices.size
     for name in ("batch_size_label", "batch_size_unlabel"):
