@@ -8,6 +8,28 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def detector_fields(**values):
+    """config.model: a field for each field of the detector's `DetectorConfig`
+    (models/detector.py) but the backbone's, so that the command line can set any of them
+    (--config.model.rpn_post_nms_topk_train=1000); unset (None) means the model's own value.
+    `values` sets some."""
+    import dataclasses
+
+    from hassod_jax.models import detector
+
+    base = detector.DetectorConfig()
+    m = ml_collections.ConfigDict()
+    if "size" in values:
+        m.size = values.pop("size")
+    for f in dataclasses.fields(detector.DetectorConfig):
+        if f.name != "resnet":
+            default = getattr(base, f.name)
+            m[f.name] = config_dict.placeholder(int if default is None else type(default))
+    for k, v in values.items():
+        m[k] = v
+    return m
+
+
 def discovery():
     """Stage 1: DINO ViT-B/8 keys -> HAC -> dense CRF -> coverage tree (HASSOD_SPEC 1.1-1.5)."""
     c = ml_collections.ConfigDict()
@@ -83,10 +105,9 @@ def training():
     c.train_json = config_dict.placeholder(str)  # e.g. W1/pseudo_labels/pseudo_labels_hier.json
     c.images = config_dict.placeholder(str)
     c.resnet_checkpoint = ""  # dino_resnet50_pretrain.pth or the detectron2-format .pkl
-    # level_loss_weight 0: the paper's "plain" ablation row (no level loss; see DetectorConfig).
-    c.model = ml_collections.ConfigDict(
-        {"size": "r50", "use_droploss": True, "level_loss_weight": 1.0}
-    )
+    # size r50 | small; every other field of the detector's DetectorConfig can be set here
+    # (unset: the size's own value). level_loss_weight 0: the paper's "plain" ablation row.
+    c.model = detector_fields(size="r50", use_droploss=True, level_loss_weight=1.0)
     c.dtype = "bfloat16"  # compute dtype; parameters stay float32
     c.batch_size = 16  # global, over all devices and hosts
     c.max_iter = 40000
@@ -185,8 +206,9 @@ def mean_teacher():
     c.init_which = "student"  # for Mean Teacher .pth files holding both
     c.train_json = config_dict.placeholder(str)  # the stage-1 pseudo-labels (both streams)
     c.images = config_dict.placeholder(str)
-    # Widths come from init_checkpoint; these override the rest (the original turns DropLoss off).
-    c.model = ml_collections.ConfigDict({"use_droploss": False})
+    # Widths come from init_checkpoint; set fields override the rest (the original turns
+    # DropLoss off).
+    c.model = detector_fields(use_droploss=False)
     c.dtype = "float32"  # the original's MT step is not mixed precision
     c.batch_size_label = 8  # global, over all devices and hosts
     c.batch_size_unlabel = 8

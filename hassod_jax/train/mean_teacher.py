@@ -250,7 +250,11 @@ def build_model(config):
     both start from."""
     from hassod_jax.weights.detectron2 import load_detector
 
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.model.items()}
+    overrides = {
+        k: (tuple(v) if isinstance(v, list) else v)
+        for k, v in config.model.items()
+        if v is not None
+    }
     module, variables = load_detector(
         config.init_checkpoint, which=config.init_which, **overrides
     )

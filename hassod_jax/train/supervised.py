@@ -56,7 +56,7 @@ def build_model(config, dtype=None):
         raise utils.ConfigError(
             f"config.model.size must be 'r50' or 'small', got {config.model.size!r}"
         )
-    overrides = {k: v for k, v in config.model.items() if k != "size"}
+    overrides = {k: v for k, v in config.model.items() if k != "size" and v is not None}
     for k, v in overrides.items():
         if isinstance(v, list):
             overrides[k] = tuple(v)

@@ -173,6 +173,27 @@ def test_unknown_model_size(dataset, tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def test_every_detector_field_is_a_config_field_unset_means_the_models_own():
+    """config.model of both stage-2 configs holds every DetectorConfig field but the backbone's
+    (so --config.model.X=... reaches the model); an unset field keeps the size's value."""
+    import dataclasses
+
+    from hassod_jax.models import detector as D
+
+    names = {f.name for f in dataclasses.fields(D.DetectorConfig)} - {"resnet"}
+    assert set(defaults.training().model) == names | {"size"}
+    assert set(defaults.mean_teacher().model) == names
+    c = defaults.training()
+    c.model.size = "small"
+    assert supervised.build_model(c).config == D.SMALL_CONFIG  # droploss, level weight: its own
+    c.model.rpn_post_nms_topk_train = 7
+    c.model.cascade_ious = (0.5, 0.55, 0.7)
+    got = supervised.build_model(c).config
+    assert got == dataclasses.replace(
+        D.SMALL_CONFIG, rpn_post_nms_topk_train=7, cascade_ious=(0.5, 0.55, 0.7)
+    )
+
+
 @pytest.mark.parametrize("detections", [0, -1])
 def test_predict_needs_at_least_one_detection_per_image(small, detections):
     _, model, _, _, state, _ = small
