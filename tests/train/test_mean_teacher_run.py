@@ -1,4 +1,5 @@
-"""mode=mean_teacher end to end on CPU: metrics of both branches, the student written where the
+"""mode=mean_teacher end to end on CPU, `configs/mean_teacher_coco.py` at toy scale
+(tests/train/toy_configs.py): metrics of both branches, the student written where the
 loaders read a checkpoint, and kill-and-resume reaching bitwise the same student AND teacher."""
 
 import json
@@ -11,8 +12,9 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "tests", "train", "tiny_mt_config.py")
+from tests.train import toy_configs
+
+ROOT = toy_configs.ROOT
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,8 @@ def setup(tmp_path_factory):
 def _cmd(setup, workdir):
     image_dir, gt, init = setup
     return [
-        sys.executable, "-m", "hassod_jax.main", "--config", CONFIG, "--workdir", str(workdir),
+        sys.executable, "-m", "hassod_jax.main", "--config", toy_configs.MEAN_TEACHER_CONFIG,
+        "--workdir", str(workdir), *toy_configs.flags(toy_configs.MEAN_TEACHER),
         f"--config.init_checkpoint={init}", f"--config.train_json={gt}",
         f"--config.images={image_dir}",
     ]

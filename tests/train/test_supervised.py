@@ -1,5 +1,7 @@
-"""Detector training: kill-and-resume gives bitwise the same parameters and BN statistics;
-metrics are written; PreciseBN runs every N steps and at the last one, before the checkpoint."""
+"""Detector training, `configs/train_coco.py` run through mode=train at toy scale
+(tests/train/toy_configs.py): kill-and-resume gives bitwise the same parameters and BN
+statistics; metrics are written; PreciseBN runs every N steps and at the last one, before the
+checkpoint."""
 
 import json
 import os
@@ -11,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "tests", "train", "tiny_train_config.py")
+from tests.train import toy_configs
+
+ROOT = toy_configs.ROOT
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,10 @@ def _cmd(dataset, workdir):
         "-m",
         "hassod_jax.main",
         "--config",
-        CONFIG,
+        toy_configs.TRAIN_CONFIG,
         "--workdir",
         str(workdir),
+        *toy_configs.flags(toy_configs.TRAIN),
         f"--config.train_json={gt}",
         f"--config.images={image_dir}",
         # PreciseBN after steps 2 and 4 (the last), over 2 batches each.
@@ -127,18 +131,13 @@ def _check_precise_bn_schedule(dataset, workdir):
     """The checkpoints of steps 2 and 4 hold PreciseBN's statistics of their own parameters
     (recomputed here from the same deterministic batches); step 3's do not (they are step 3's
     momentum update of step 2's)."""
-    import importlib.util
-
     import jax
     from jax.sharding import Mesh
 
     from hassod_jax.data import loader
     from hassod_jax.train import precise_bn, supervised
 
-    spec = importlib.util.spec_from_file_location("tiny_cfg", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = toy_configs.load(toy_configs.TRAIN_CONFIG, toy_configs.TRAIN)
     c.train_json, c.images = dataset[1], dataset[0]
     c.precise_bn_iters = 2
     records = loader.open_records(train_json=c.train_json, images=c.images)
@@ -168,15 +167,13 @@ def _check_precise_bn_schedule(dataset, workdir):
 
 
 _NAN_SCRIPT = r"""
-import importlib.util, sys
+import sys
 import jax.numpy as jnp
 from hassod_jax.train import supervised
+from tests.train import toy_configs
 
-spec = importlib.util.spec_from_file_location("cfg", sys.argv[1])
-cfg = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cfg)
-c = cfg.get_config()
-c.train_json, c.images = sys.argv[2], sys.argv[3]
+c = toy_configs.load(toy_configs.TRAIN_CONFIG, toy_configs.TRAIN)
+c.train_json, c.images = sys.argv[1], sys.argv[2]
 real = supervised.make_train_step
 
 
@@ -192,7 +189,7 @@ def poisoned(model, tx, schedule):
 
 
 supervised.make_train_step = poisoned
-supervised.train(c, sys.argv[4])
+supervised.train(c, sys.argv[3])
 """
 
 
@@ -200,7 +197,7 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(dataset, tmp_p
     image_dir, gt = dataset
     work = tmp_path / "w"
     r = subprocess.run(
-        [sys.executable, "-c", _NAN_SCRIPT, CONFIG, gt, image_dir, str(work)],
+        [sys.executable, "-c", _NAN_SCRIPT, gt, image_dir, str(work)],
         cwd=ROOT,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
         capture_output=True,
