@@ -5,11 +5,11 @@ real commands (prepare_gt on each benchmark, stage 1 with the weight-free stand-
 evaluation on COCO+LVIS, LVIS, Objects365 and SA-1B) and writes the table in the paper's
 layout; then pseudo_labels.py --toy gives the pseudo-label rows. CPU only.
 
-    python experiments/reproduce/toy_run.py --work /tmp/hassod_toy [--dry-run]
+    python experiments/reproduce/toy_run.py --work /tmp/hassod_toy [--ablations] [--dry-run]
 
 The numbers mean nothing (a few steps on a few generated images); the run shows the chain
-end to end. It takes minutes on a 2-core CPU, mostly XLA compiles (measured in
-docs/reproduce.md), so the test suite runs only its dry run.
+end to end. It takes about 3 minutes on a 2-core CPU with --ablations, mostly XLA compiles
+(measured in docs/reproduce.md); tests/test_reproduce.py runs it and checks the table.
 """
 
 import argparse
@@ -36,10 +36,11 @@ def toy_env(work):
     }
 
 
-def script_argv(work, data, dry_run, which):
+def script_argv(work, data, dry_run, which, ablations=False):
     p = fake_tree.paths(data)
     common = ["--toy", "--kind", "cpu", "--gpus", "1"] + (["--dry-run"] if dry_run else [])
     if which == "hassod":
+        common += ["--ablations"] if ablations else []
         return [
             "--work",
             os.path.join(work, "hassod"),
@@ -71,6 +72,8 @@ def main(argv=None):
     ap.add_argument("--work", required=True)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--skip-pseudo-labels", action="store_true")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also the 'plain' and '+ Mean Teacher' rows (hassod.py --ablations)")
     a = ap.parse_args(argv)
     work = os.path.abspath(a.work)
     data = os.path.join(work, "data")
@@ -78,7 +81,7 @@ def main(argv=None):
         fake_tree.write_tree(data)
     os.environ.update(toy_env(work))
     t0 = time.time()
-    code = hassod.main(script_argv(work, data, a.dry_run, "hassod"))
+    code = hassod.main(script_argv(work, data, a.dry_run, "hassod", a.ablations))
     t1 = time.time()
     print(f"toy_run: hassod.py {'dry run ' if a.dry_run else ''}took {t1 - t0:.0f} s")
     if code == 0 and not a.skip_pseudo_labels:
