@@ -186,6 +186,20 @@ def test_unknown_mode_is_one_line_listing_the_modes(tmp_path):
     assert "dicsover" in line and all(m in line for m in main.MODES)
 
 
+def test_extra_arguments_and_a_config_without_mode_are_one_line(tmp_path):
+    r = _run("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"), "oops")
+    line = _one_line_error(r)
+    assert "unexpected arguments: oops" in line and "--config.FIELD=V" in line
+    cfg = tmp_path / "no_mode.py"
+    cfg.write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        "    return ml_collections.ConfigDict({'images': 'x'})\n"
+    )
+    line = _one_line_error(_run("--config", str(cfg), "--workdir", str(tmp_path / "w")))
+    assert "no 'mode' field" in line and all(m in line for m in main.MODES)
+    assert not (tmp_path / "w").exists()  # nothing written for a run that never started
+
+
 def test_help_lists_the_modes():
     r = _run("--help")
     assert r.returncode == 0, r.stderr
