@@ -15,8 +15,9 @@
         [--drop-every 5] [--train-images 256] [--mt-lr 0.01] [--root DIR] [--out FILE.json]
 
 Fixed data; `--seed` seeds the training runs. Prints a table and writes the numbers as JSON.
-About 9 minutes on an idle 2-core CPU (experiments/RESULTS.md has the figures of several
-seeds); tests/train/test_mt_learning.py runs it (marked slow: not in the default run).
+About 8 minutes on an idle 2-core CPU (452 s measured; experiments/RESULTS.md has the figures
+of several seeds); tests/train/test_mt_learning.py runs it (marked slow: not in the default
+run).
 """
 
 import argparse

@@ -9,10 +9,10 @@ base LR 0.01) and 300 steps of the same loop with the unlabeled branch weighted 
 schedule). The students are scored on 16 held-out scenes with their COMPLETE ground truth
 (pycocotools, class-agnostic).
 
-About 9 minutes on an idle 2-core CPU, beyond the default run's budget: marked slow
-(`python -m pytest -m slow tests/train/test_mt_learning.py`). Measured figures of seeds 0-2
-are in experiments/RESULTS.md ("Mean Teacher learning check"): Mean Teacher raised mask
-AR@100 by +0.029 / +0.019 / +0.023 and continued training by +0.012 / +0.018 / +0.008.
+About 8 minutes on an idle 2-core CPU (452 s measured), beyond the default run's budget:
+marked slow (`python -m pytest -m slow tests/train/test_mt_learning.py`). Measured figures
+of seeds 0-2 are in experiments/RESULTS.md ("Mean Teacher learning check"): Mean Teacher raised
+mask AR@100 by +0.029 / +0.019 / +0.023 and continued training by +0.012 / +0.018 / +0.008.
 """
 
 import json
