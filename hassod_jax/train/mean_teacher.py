@@ -250,13 +250,9 @@ def build_model(config):
     both start from."""
     from hassod_jax.weights.detectron2 import load_detector
 
-    overrides = {
-        k: (tuple(v) if isinstance(v, list) else v)
-        for k, v in config.model.items()
-        if v is not None
-    }
     module, variables = load_detector(
-        config.init_checkpoint, which=config.init_which, **overrides
+        config.init_checkpoint, which=config.init_which,
+        **supervised.model_overrides(config.model),
     )
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     return module.clone(dtype=dtype), variables

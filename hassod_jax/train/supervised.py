@@ -46,6 +46,16 @@ class TrainState:
     opt_state: optax.OptState
 
 
+def model_overrides(model_config):
+    """The DetectorConfig fields `config.model` sets: every field but `size` that is not None
+    (unset), with lists (what a JSON round trip makes of tuples) turned back into tuples."""
+    return {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in model_config.items()
+        if k != "size" and v is not None
+    }
+
+
 def build_model(config, dtype=None):
     """The detector described by `config.model` (size 'r50' | 'small') and `config.dtype`
     (or `dtype`, e.g. PreciseBN's float32: the parameters are the same)."""
@@ -56,11 +66,7 @@ def build_model(config, dtype=None):
         raise utils.ConfigError(
             f"config.model.size must be 'r50' or 'small', got {config.model.size!r}"
         )
-    overrides = {k: v for k, v in config.model.items() if k != "size" and v is not None}
-    for k, v in overrides.items():
-        if isinstance(v, list):
-            overrides[k] = tuple(v)
-    cfg = dataclasses.replace(base, **overrides)
+    cfg = dataclasses.replace(base, **model_overrides(config.model))
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype or config.dtype]
     return detector.CascadeMaskRCNN(cfg, dtype=dtype)
 
