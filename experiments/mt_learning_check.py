@@ -21,6 +21,7 @@ run).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -164,12 +165,9 @@ def main():
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if a.root:
         os.makedirs(a.root, exist_ok=True)
-        res = run(a.root, a.stage1, a.mt, drop_every=a.drop_every,
-                  train_images=a.train_images, seed=a.seed, mt_lr=a.mt_lr)
-    else:
-        with tempfile.TemporaryDirectory() as root:
-            res = run(root, a.stage1, a.mt, drop_every=a.drop_every,
-                      train_images=a.train_images, seed=a.seed, mt_lr=a.mt_lr)
+    with contextlib.nullcontext(a.root) if a.root else tempfile.TemporaryDirectory() as root:
+        res = run(root, a.stage1, a.mt, drop_every=a.drop_every, train_images=a.train_images,
+                  seed=a.seed, mt_lr=a.mt_lr)
     keys = [k for k in res["start"] if "/" in k]
     print(f"{res['instances']} training instances, {res['kept']} kept as labels; "
           f"stage 1 {res['stage1_steps']} steps, then {res['mt_steps']} steps each")

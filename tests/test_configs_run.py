@@ -69,7 +69,7 @@ def test_discover_shards_merge_sweep_and_evaluate_from_their_config_files(scenes
     work = root / "discover"
     for job in (0, 1):
         _run("discover_coco.py", work, f"--config.images={image_dir}", *TOY,
-                 "--config.num_jobs=2", f"--config.job_index={job}")
+             "--config.num_jobs=2", f"--config.job_index={job}")
     assert not (work / "pseudo_labels" / "pseudo_labels_hier.json").exists()
     _run("merge_pseudo_labels.py", work, f"--config.thresholds={THRESHOLDS}")
     merged = _load(work / "pseudo_labels" / "pseudo_labels_hier.json")
@@ -88,10 +88,10 @@ def test_discover_shards_merge_sweep_and_evaluate_from_their_config_files(scenes
     assert report["thresholds"] == [0.1, 0.2, 0.4] and report["images"] == 3
 
     def masks(path):
-        by_name = {im["id"]: im["file_name"] for im in _load(path)["images"]}
+        data = _load(path)
+        by_name = {im["id"]: im["file_name"] for im in data["images"]}
         return sorted(
-            (by_name[a["image_id"]], a["segmentation"]["counts"])
-            for a in _load(path)["annotations"]
+            (by_name[a["image_id"]], a["segmentation"]["counts"]) for a in data["annotations"]
         )
 
     for t in ("0.1", "0.2", "0.4"):
