@@ -19,6 +19,28 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _pin_xdist_worker() -> None:
+    """Gives each pytest-xdist worker its own share of the CPUs (worker i of n: every n-th CPU
+    from the i-th), before JAX starts its thread pools; subprocesses a test starts inherit it.
+
+    Without it every worker's XLA (and each subprocess's) sizes its thread pool to all the
+    machine's cores, and on 2 cores the two workers' pools thrash: the toy chain took 615 s in
+    the suite against 293 s alone and 342 s alone on one core (2026-12-02, experiments/
+    RESULTS.md). HASSOD_TEST_NO_PIN=1 turns it off; with fewer CPUs than workers it does
+    nothing."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(
+        "PYTEST_XDIST_WORKER_COUNT")
+    if (not worker or not count or os.environ.get("HASSOD_TEST_NO_PIN")
+            or not hasattr(os, "sched_setaffinity")):
+        return
+    cpus, n = sorted(os.sched_getaffinity(0)), int(count)
+    if len(cpus) >= n:
+        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) :: n])
+
+
+_pin_xdist_worker()
+
 # One persistent XLA compilation cache for the session, shared with every subprocess a test
 # starts (they inherit the environment): a resumed run, a second demo run or a reference run
 # compiles the same programs again, and on a 2-core CI machine compiles dominate. A fresh
