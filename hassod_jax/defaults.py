@@ -229,7 +229,7 @@ def mean_teacher():
     c.loss_weights = "adaptive"
     c.sup_weight = 1.0
     c.unsup_weight = 2.0
-    c.unsup = True  # False: the unlabeled branch weighted 0 (ablation: no teacher targets)
+    c.unsup = True  # False: the unlabeled branch left out (ablation: plain continued training)
     c.seed = 0
     c.log_every = 20
     c.checkpoint_every = 500

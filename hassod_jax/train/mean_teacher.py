@@ -147,8 +147,12 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
 
     Each batch as the loader emits it, with the weak view in "images" and the strong view
     (same geometry) in "images_strong"; the unlabel batch's own instances are not used.
-    `unsup=False` weights the unlabeled branch 0 (an ablation: the same data and schedule
-    without the teacher's targets). `loss_weights='constant'` holds w_sup = sup_weight and
+    `unsup=False` leaves the unlabeled branch out (an ablation: plain continued training on
+    the same label data, views and schedule; the teacher forward and the student's unlabel
+    forward are not computed, so the step costs about half). The student's update is the one
+    the branch weighted 0 gives; its running batch statistics see the label views only, and
+    the teacher stays the EMA of the student. The unsup/* and teacher/* metrics are logged
+    as 0. `loss_weights='constant'` holds w_sup = sup_weight and
     w_unsup = unsup_weight at every step (the paper's "+ Mean Teacher" ablation row, a Mean
     Teacher without adaptive targets); 'adaptive' is the recipe's cosine schedule.
     """
@@ -167,25 +171,27 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
             ema_keep,
         )
         # 2. The teacher on the weak unlabel views: training-mode BN and RPN, test ROI path.
-        weak_u = _images(unlabel, "images")
-        det, t_vars = model.apply(
-            teacher, weak_u, train=True, losses=False, image_sizes=unlabel["image_sizes"],
-            mutable=["batch_stats"],
-        )
-        det = jax.lax.stop_gradient(det)
-        hp, wp = weak_u.shape[1:3]
-        # 3. Targets.
-        tg = jax.vmap(
-            lambda d: teacher_targets(d, hp, wp, score_thresh=score_thresh, coverage=coverage,
-                                      max_targets=max_targets)
-        )(det)
+        if use_unsup:
+            weak_u = _images(unlabel, "images")
+            det, t_vars = model.apply(
+                teacher, weak_u, train=True, losses=False, image_sizes=unlabel["image_sizes"],
+                mutable=["batch_stats"],
+            )
+            det = jax.lax.stop_gradient(det)
+            hp, wp = weak_u.shape[1:3]
+            # 3. Targets.
+            tg = jax.vmap(
+                lambda d: teacher_targets(d, hp, wp, score_thresh=score_thresh,
+                                          coverage=coverage, max_targets=max_targets)
+            )(det)
+            teacher_stats = t_vars["batch_stats"]
+        else:
+            teacher_stats = teacher["batch_stats"]
         # 4. Student: supervised on strong + weak label views, unsupervised on strong unlabel.
         sup_x = jnp.concatenate([_images(label, "images_strong"), _images(label, "images")])
         gt = _gt(label, label["images"].shape[2])
         sup_t = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), gt)
         sup_sizes = jnp.concatenate([label["image_sizes"], label["image_sizes"]])
-        unsup_x = _images(unlabel, "images_strong")
-        unsup_t = {k: tg[k] for k in ("boxes", "masks", "levels", "valid")}
         w_sup, w_unsup = schedules.mean_teacher_loss_weights(
             loss_weights, t, total_steps, sup_weight, unsup_weight
         )
@@ -197,8 +203,13 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
                 {"params": params, "batch_stats": state.batch_stats}, sup_x, sup_t, train=True,
                 rng=k_sup, image_sizes=sup_sizes, mutable=["batch_stats"],
             )
+            if not use_unsup:
+                unsup = {k: jnp.zeros_like(v) for k, v in sup.items()}
+                return w_sup * sum(sup.values()), (sup, unsup, v1["batch_stats"])
             unsup, v2 = model.apply(
-                {"params": params, "batch_stats": v1["batch_stats"]}, unsup_x, unsup_t,
+                {"params": params, "batch_stats": v1["batch_stats"]},
+                _images(unlabel, "images_strong"),
+                {k: tg[k] for k in ("boxes", "masks", "levels", "valid")},
                 train=True, rng=k_unsup, image_sizes=unlabel["image_sizes"],
                 mutable=["batch_stats"],
             )
@@ -213,6 +224,7 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        zero = jnp.zeros((), jnp.float32)
         metrics = {
             **{f"sup/{k}": v for k, v in sup.items()},
             **{f"unsup/{k}": v for k, v in unsup.items()},
@@ -220,12 +232,14 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
             "w_sup": w_sup,
             "w_unsup": w_unsup,
             "lr": schedule(t),
-            "teacher/targets_per_image": jnp.mean(jnp.sum(tg["valid"], axis=1)),
-            "teacher/kept_per_image": jnp.mean(tg["num_kept"].astype(jnp.float32)),
+            "teacher/targets_per_image": (
+                jnp.mean(jnp.sum(tg["valid"], axis=1)) if use_unsup else zero),
+            "teacher/kept_per_image": (
+                jnp.mean(tg["num_kept"].astype(jnp.float32)) if use_unsup else zero),
         }
         new = MTState(
             step=t + 1, params=params, batch_stats=stats, opt_state=opt_state,
-            teacher_params=teacher["params"], teacher_batch_stats=t_vars["batch_stats"],
+            teacher_params=teacher["params"], teacher_batch_stats=teacher_stats,
         )
         return new, metrics
 
@@ -328,10 +342,14 @@ def train(config, workdir):
     # "label" and "unlabel": the same pseudo-label file (images without any dropped), two
     # independent samplers; the iterators are step-indexed, so resuming at `start` continues
     # both exactly.
+    # With the unlabeled branch left out (`unsup=False`) the "unlabel" stream is not read.
     records = loader.open_records(train_json=config.train_json, images=config.images)
+    use_unsup = bool(config.get("unsup", True))
+    streams = [("label", config.batch_size_label, config.seed)]
+    if use_unsup:
+        streams.append(("unlabel", config.batch_size_unlabel, config.seed + 1))
     iters = {}
-    for name, bs, seed in (("label", config.batch_size_label, config.seed),
-                           ("unlabel", config.batch_size_unlabel, config.seed + 1)):
+    for name, bs, seed in streams:
         iters[name] = loader.make_train_iterator(
             records, _loader_config(config, bs, seed), num_steps=config.max_iter,
             start_step=start, worker_count=config.data.workers,
@@ -342,7 +360,7 @@ def train(config, workdir):
             model, tx, schedule, total_steps=config.max_iter, ema_keep=config.ema_keep,
             score_thresh=config.score_thresh, coverage=config.coverage,
             max_targets=config.max_targets, sup_weight=config.sup_weight,
-            unsup_weight=config.unsup_weight, unsup=config.get("unsup", True),
+            unsup_weight=config.unsup_weight, unsup=use_unsup,
             loss_weights=config.get("loss_weights", "adaptive"),
         ),
         in_shardings=(replicated, data, data, replicated),
@@ -358,13 +376,14 @@ def train(config, workdir):
         from hassod_jax.evaluate import predict
 
         predict_fn = predict.make_predict_fn(model)
-    n_img = config.batch_size_label + config.batch_size_unlabel
+    n_img = config.batch_size_label + (config.batch_size_unlabel if use_unsup else 0)
     metrics, t0, n_images = {}, time.perf_counter(), 0
     t_start = t0
     try:
         for step in range(start, config.max_iter):
-            label, unlabel = next(iters["label"]), next(iters["unlabel"])
-            state, metrics = step_fn(state, _shard(label, data), _shard(unlabel, data), rng)
+            label = _shard(next(iters["label"]), data)
+            unlabel = _shard(next(iters["unlabel"]), data) if use_unsup else label  # unread
+            state, metrics = step_fn(state, label, unlabel, rng)
             n_images += n_img
             done = step + 1
             log_now = done % config.log_every == 0 or done == config.max_iter

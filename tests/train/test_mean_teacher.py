@@ -174,3 +174,41 @@ def test_one_step_compiles_once_and_updates_as_specified(mt_setup):
     diff = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
                                   s1.teacher_batch_stats, s0.batch_stats)
     assert max(jax.tree_util.tree_leaves(diff)) > 0
+
+
+def test_unsup_false_leaves_the_branch_out_and_gives_the_weight_zero_update(mt_setup):
+    """`unsup=False` (the continued-training ablation) skips the teacher forward and the
+    student's unlabel forward; the student's update equals the full step with the unlabeled
+    branch weighted 0 (constant weights 1 and 0), and the compiled step does less work."""
+    model, variables, tx, _ = mt_setup
+    sched = schedules.cosine_with_warmup(0.01, 10, warmup_iters=5)
+    kw = dict(total_steps=10, score_thresh=0.0, max_targets=8)
+    off = jax.jit(MT.make_mt_step(model, tx, sched, unsup=False, **kw))
+    w0 = jax.jit(MT.make_mt_step(model, tx, sched, loss_weights="constant", sup_weight=1.0,
+                                 unsup_weight=0.0, **kw))
+    rng = np.random.default_rng(0)
+    label, unlabel = _batch(rng), _batch(rng)
+    s0 = MT.init_mt_state(variables, tx)
+    args = (label, unlabel, jax.random.PRNGKey(1))
+    flops = {}
+    for name, fn in (("off", off), ("w0", w0)):
+        cost = fn.lower(s0, *args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops[name] = float(cost["flops"])
+    a, ma = off(s0, *args)
+    b, mb = w0(s0, *args)
+    assert float(ma["w_sup"]) == float(mb["w_sup"]) == 1.0
+    assert float(ma["w_unsup"]) == float(mb["w_unsup"]) == 0.0
+    assert float(mb["teacher/targets_per_image"]) > 0
+    for k, v in ma.items():
+        if k.startswith(("unsup/", "teacher/")):
+            assert float(v) == 0.0, k
+        else:
+            assert k in mb, k
+    np.testing.assert_allclose(float(ma["total_loss"]), float(mb["total_loss"]), rtol=1e-6)
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8), a.params, b.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.teacher_params, s0.params)
+    # No teacher forward: the teacher's statistics are the (step-0 copy of the) student's.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.teacher_batch_stats, s0.batch_stats)
+    assert flops["off"] < 0.75 * flops["w0"], flops
