@@ -6,18 +6,19 @@
 2. From that checkpoint, the same number of steps of (a) Mean Teacher with those labels (the
    recipe: EMA teacher, weak/strong views, teacher targets > 0.7 with recomputed levels, cosine
    loss weights, the recipe's base LR 0.01) and (b) the same loop with the unlabeled branch
-   weighted 0 (plain continued training on the incomplete labels, same data, views and
-   schedule).
-3. The students are scored on held-out scenes with their COMPLETE ground truth: mask and box
-   AR@100 and AP (class-agnostic COCO, the original's protocol).
+   left out (`unsup=False`: plain continued training on the incomplete labels, same label
+   data, views and schedule; the student's update is the one the branch weighted 0 gives).
+3. The students are scored on 64 held-out scenes (`--val-images`) with their COMPLETE ground
+   truth: mask and box AR@100 and AP (class-agnostic COCO, the original's protocol).
 
     python experiments/mt_learning_check.py [--seed 0] [--stage1 1200] [--mt 300] \
-        [--drop-every 5] [--train-images 256] [--mt-lr 0.01] [--root DIR] [--out FILE.json]
+        [--drop-every 5] [--train-images 256] [--val-images 64] [--size 128] [--mt-lr 0.01] \
+        [--root DIR] [--out FILE.json]
 
 Fixed data; `--seed` seeds the training runs. Prints a table and writes the numbers as JSON.
-About 8 minutes on an idle 2-core CPU (452 s measured; experiments/RESULTS.md has the figures
-of several seeds); tests/train/test_mt_learning.py runs it (marked slow: not in the default
-run).
+About 9 minutes on one CPU core (515 s measured: stage 1 201 s, Mean Teacher 214 s, continued
+103 s; experiments/RESULTS.md has the figures of several seeds); tests/train/test_mt_learning.py
+runs it (marked slow: not in the default run).
 """
 
 import argparse
@@ -30,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SIZE = (128, 128)
+SIZE = 128  # scenes are SIZE x SIZE (--size)
 
 
 def drop_instances(src_json, dst_json, every=2):
@@ -48,14 +49,14 @@ def drop_instances(src_json, dst_json, every=2):
     return len(data["annotations"]), len(kept)
 
 
-def _common(c, seed):
+def _common(c, seed, size=SIZE):
     c.seed = seed
     c.dtype = "float32"
     c.log_every = 50
     c.keep_checkpoints = 1
-    c.data.short_edges = (SIZE[0],)
-    c.data.max_size = SIZE[1]
-    c.data.buckets = (SIZE,)
+    c.data.short_edges = (size,)
+    c.data.max_size = size
+    c.data.buckets = ((size, size),)
     c.data.copy_paste = False
     c.data.max_instances = 16
     c.data.workers = 0
@@ -67,10 +68,10 @@ def _common(c, seed):
     return c
 
 
-def stage1_config(train_json, images, steps, seed):
+def stage1_config(train_json, images, steps, seed, size=SIZE):
     from hassod_jax import defaults
 
-    c = _common(defaults.training(), seed)
+    c = _common(defaults.training(), seed, size)
     c.train_json, c.images = train_json, images
     c.model.size = "small"
     c.batch_size = 4
@@ -83,10 +84,10 @@ def stage1_config(train_json, images, steps, seed):
     return c
 
 
-def mt_config(init, train_json, images, steps, seed, unsup, base_lr=0.01):
+def mt_config(init, train_json, images, steps, seed, unsup, base_lr=0.01, size=SIZE):
     from hassod_jax import defaults
 
-    c = _common(defaults.mean_teacher(), seed)
+    c = _common(defaults.mean_teacher(), seed, size)
     c.init_checkpoint, c.train_json, c.images = init, train_json, images
     c.model.detections_per_image = 100
     c.batch_size_label = 4
@@ -100,7 +101,7 @@ def mt_config(init, train_json, images, steps, seed, unsup, base_lr=0.01):
     return c
 
 
-def score(workdir, val_json, val_images):
+def score(workdir, val_json, val_images, size=SIZE):
     from hassod_jax.data.coco import load_coco_json
     from hassod_jax.evaluate import coco_eval, predict
     from hassod_jax.weights.detectron2 import load_detector
@@ -108,13 +109,13 @@ def score(workdir, val_json, val_images):
     module, variables = load_detector(workdir, detections_per_image=100)
     gt = load_coco_json(val_json)
     preds = predict.predict(module, variables, predict.images_from_coco(gt, val_images),
-                            short_edge=SIZE[0], max_size=SIZE[1], buckets=(SIZE,), batch_size=8)
+                            short_edge=size, max_size=size, buckets=((size, size),), batch_size=8)
     m = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"))
     return {f"{t}/{k}": float(m[t][k]) for t in ("bbox", "segm") for k in ("AP", "AP50", "AR@100")}
 
 
 def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_images=256,
-        mt_lr=0.01):
+        mt_lr=0.01, val_images=64, size=SIZE):
     from hassod_jax.data.synthetic import write_synthetic_dataset
     from hassod_jax.train import mean_teacher, supervised
 
@@ -122,27 +123,29 @@ def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_image
         folder = os.path.join(root, name)
         if os.path.exists(os.path.join(folder, "ground_truth.json")):
             return os.path.join(folder, "images"), os.path.join(folder, "ground_truth.json")
-        return write_synthetic_dataset(folder, n, data_seed, SIZE, n_objects=(1, 3))
+        return write_synthetic_dataset(folder, n, data_seed, (size, size), n_objects=(1, 3))
 
-    images, full_json = scenes(f"train{train_images}", train_images, 1)
-    val_images, val_json = scenes("val", 16, 2)
-    tag = f"drop{drop_every}_n{train_images}_seed{seed}"
-    half = os.path.join(root, f"train_drop{drop_every}_n{train_images}.json")
+    px = "" if size == SIZE else f"_{size}px"
+    images, full_json = scenes(f"train{train_images}{px}", train_images, 1)
+    val_dir, val_json = scenes(f"val{val_images}{px}", val_images, 2)
+    tag = f"drop{drop_every}_n{train_images}{px}_seed{seed}"
+    half = os.path.join(root, f"train_drop{drop_every}_n{train_images}{px}.json")
     n_all, n_kept = drop_instances(full_json, half, drop_every)
     out = {"instances": n_all, "kept": n_kept, "train_images": train_images,
            "drop_every": drop_every, "seed": seed, "stage1_steps": stage1_steps,
-           "mt_steps": mt_steps, "mt_lr": mt_lr, "seconds": {}}
+           "mt_steps": mt_steps, "mt_lr": mt_lr, "val_images": val_images, "size": size,
+           "seconds": {}}
     t0 = time.perf_counter()
     w1 = os.path.join(root, f"stage1_{tag}_s{stage1_steps}")
-    supervised.train(stage1_config(half, images, stage1_steps, seed), w1)
+    supervised.train(stage1_config(half, images, stage1_steps, seed, size), w1)
     out["seconds"]["stage1"] = time.perf_counter() - t0
-    out["start"] = score(w1, val_json, val_images)
+    out["start"] = score(w1, val_json, val_dir, size)
     for name, unsup in (("mean_teacher", True), ("continued", False)):
         t0 = time.perf_counter()
         w = os.path.join(root, f"{name}_{tag}_s{stage1_steps}_m{mt_steps}_lr{mt_lr}")
-        mean_teacher.train(mt_config(w1, half, images, mt_steps, seed, unsup, mt_lr), w)
+        mean_teacher.train(mt_config(w1, half, images, mt_steps, seed, unsup, mt_lr, size), w)
         out["seconds"][name] = time.perf_counter() - t0
-        out[name] = score(w, val_json, val_images)
+        out[name] = score(w, val_json, val_dir, size)
         with open(os.path.join(w, "logs", "metrics.jsonl")) as f:
             logged = [json.loads(line) for line in f]
         out[name]["teacher_targets_per_image"] = sum(
@@ -158,6 +161,8 @@ def main():
                    help="remove instance i of each scene where i %% N == N - 1 (2: half)")
     p.add_argument("--train-images", type=int, default=256)
     p.add_argument("--mt-lr", type=float, default=0.01, help="base LR of the Mean Teacher phase")
+    p.add_argument("--val-images", type=int, default=64, help="held-out scenes scored")
+    p.add_argument("--size", type=int, default=SIZE, help="scenes of SIZE x SIZE pixels")
     p.add_argument("--seed", type=int, default=0, help="the training runs' seed (data fixed)")
     p.add_argument("--out", default="")
     p.add_argument("--root", default="", help="keep data and workdirs here (reruns resume)")
@@ -167,7 +172,8 @@ def main():
         os.makedirs(a.root, exist_ok=True)
     with contextlib.nullcontext(a.root) if a.root else tempfile.TemporaryDirectory() as root:
         res = run(root, a.stage1, a.mt, drop_every=a.drop_every, train_images=a.train_images,
-                  seed=a.seed, mt_lr=a.mt_lr)
+                  seed=a.seed, mt_lr=a.mt_lr, val_images=a.val_images,
+                  size=a.size)
     keys = [k for k in res["start"] if "/" in k]
     print(f"{res['instances']} training instances, {res['kept']} kept as labels; "
           f"stage 1 {res['stage1_steps']} steps, then {res['mt_steps']} steps each")
