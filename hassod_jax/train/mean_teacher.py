@@ -159,10 +159,9 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
     schedules.mean_teacher_loss_weights(loss_weights, 0, total_steps)  # refuses an unknown kind now
     use_unsup = bool(unsup)
 
-    def step_fn(state, label, unlabel, rng):
+    def teacher_fn(state, unlabel):
+        """Steps 1-3: (EMA teacher, its targets or None, its new batch statistics)."""
         t = state.step
-        key = jax.random.fold_in(rng, t)
-        k_sup, k_unsup = jax.random.split(key)
         # 1. EMA at the start of the step (a copy at step 0).
         teacher = ema_update(
             {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats},
@@ -186,7 +185,14 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
             )(det)
             teacher_stats = t_vars["batch_stats"]
         else:
-            teacher_stats = teacher["batch_stats"]
+            tg, teacher_stats = None, teacher["batch_stats"]
+        return teacher, tg, teacher_stats
+
+    def student_fn(state, teacher, tg, teacher_stats, label, unlabel, rng):
+        """Steps 4-5 given the teacher's part: (new state, metrics)."""
+        t = state.step
+        key = jax.random.fold_in(rng, t)
+        k_sup, k_unsup = jax.random.split(key)
         # 4. Student: supervised on strong + weak label views, unsupervised on strong unlabel.
         sup_x = jnp.concatenate([_images(label, "images_strong"), _images(label, "images")])
         gt = _gt(label, label["images"].shape[2])
@@ -243,6 +249,13 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
         )
         return new, metrics
 
+    def step_fn(state, label, unlabel, rng):
+        return student_fn(state, *teacher_fn(state, unlabel), label, unlabel, rng)
+
+    # The two parts, for tests that compare layouts given the same teacher targets (the RPN's
+    # anchor matching is discontinuous in the target boxes: float32 rounding of a box can flip
+    # an anchor's label).
+    step_fn.teacher, step_fn.student = teacher_fn, student_fn
     return step_fn
 
 
