@@ -1,7 +1,8 @@
 """Test session set-up.
 
 Eight host devices are forced before JAX is imported anywhere, so that sharding tests
-can compare a mesh of 8 CPU devices with a single device in the same process.
+can compare a mesh of 8 CPU devices with a single device in the same process; the processes
+tests start get one device and a faster compile (tests/xla_env.py says why).
 
 Under CI (environment variable CI=true, as GitHub Actions and most CI services set it) a
 skipped test is a failure: a missing test dependency (`pytest.importorskip`), a missing
@@ -14,9 +15,9 @@ import os
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+from tests.xla_env import session_flags
+
+os.environ["XLA_FLAGS"] = session_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -58,6 +59,19 @@ if not os.environ.get("HASSOD_TEST_NO_COMPILE_CACHE") and not os.environ.get(
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Puts os.environ back as it was after each test. A test that calls a script's main()
+    in-process (toy_run.py --dry-run sets up its children's XLA flags and compilation cache in
+    os.environ) must not change the session's: JAX reads XLA_FLAGS when the first later test
+    starts its backend, and with toy_run's flags that backend had 1 device, not 8."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def skips_fail() -> bool:

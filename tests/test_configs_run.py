@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.xla_env import cpu_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESHOLDS = "(0.1, 0.2, 0.4)"
 # The weight-free stand-in backbone, small inputs and the CPU CRF: a toy run.
@@ -24,7 +26,7 @@ TOY = ["--config.backbone=standin", "--config.image_size=96", "--config.num_work
 
 
 def _run(config, workdir, *flags):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = cpu_env()
     r = subprocess.run(
         [sys.executable, "-m", "hassod_jax.main", "--config", os.path.join("configs", config),
          "--workdir", str(workdir), *flags],

@@ -4,6 +4,7 @@ import json
 import os
 
 from hassod_jax import demo
+from tests.xla_env import cpu_env
 
 
 def _config():
@@ -51,13 +52,7 @@ def test_demo_command_runs_twice_on_one_workdir(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        # One CPU device, as the README's command runs (the test session forces eight).
-        "XLA_FLAGS": " ".join(f for f in flags if "device_count" not in f),
-    }
+    env = cpu_env()  # one CPU device, as the README's command runs
     cmd = [
         sys.executable,
         "-m",

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.xla_env import cpu_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPRO = os.path.join(ROOT, "experiments", "reproduce")
 RESULTS = os.path.join(ROOT, "experiments", "RESULTS.md")
@@ -552,7 +554,7 @@ def test_toy_run_whole_chain_gives_the_table(tmp_path):
     r = subprocess.run(
         [sys.executable, os.path.join(REPRO, "toy_run.py"), "--work", str(work), "--ablations"],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        env=cpu_env(),
     )
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     h = work / "hassod"

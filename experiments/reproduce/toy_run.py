@@ -26,10 +26,13 @@ import pseudo_labels  # noqa: E402
 
 
 def toy_env(work):
-    """One CPU device and a persistent compilation cache under the work folder."""
+    """One CPU device (the caller's other XLA flags kept) and a persistent compilation cache
+    under the work folder."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if "xla_force_host_platform_device_count" not in f]
     return {
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "",
+        "XLA_FLAGS": " ".join(flags),
         "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.abspath(work), "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",

@@ -18,6 +18,7 @@ from PIL import Image
 
 from hassod_jax import defaults
 from hassod_jax.discovery import pipeline
+from tests.xla_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = dict(backbone="standin", image_size=160, num_workers=0, crf_backend="pydensecrf")
@@ -67,7 +68,7 @@ def _cli(images, workdir, *extra):
 
 
 def _env():
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return cpu_env()
 
 
 def _load(path):

@@ -16,9 +16,11 @@ import sys
 import numpy as np
 import pytest
 
-# Compiles the Mean Teacher step twice (83 s alone on 2 CPU cores, 2026-12-02; in the default
-# run it took the suite to 1079 s, too near its 20-minute budget). Run with
-# `python -m pytest -m slow tests`.
+from tests.xla_env import cpu_env
+
+# Three processes compiling the Mean Teacher step: 283 s of one test worker in the README's
+# test command on 2026-12-03 (83 s alone on 2 CPU cores on 2026-12-02), beyond the default
+# run's 20-minute budget. Run with `python -m pytest -m slow tests`.
 pytestmark = pytest.mark.slow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,12 +35,7 @@ def _free_port():
 
 
 def _env(devices):
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
+    return cpu_env(devices, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from tests.xla_env import cpu_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = (128, 128)
 N_OBJECTS = (1, 2)
@@ -101,7 +103,7 @@ def run_learning(tmp_path, root=ROOT, steps=STEPS, seed=SEED, data_seeds=(1, 2),
     train_images, train_json = _write_scenes(str(tmp_path / "train"), 64, seed=data_seeds[0])
     val_images, val_json = _write_scenes(str(tmp_path / "val"), 16, seed=data_seeds[1])
     work = tmp_path / "work"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": root}
+    env = cpu_env(full_opt=True, PYTHONPATH=root)  # 500 steps: compiled as users run it
     t0 = time.perf_counter()
     r = subprocess.run(
         [sys.executable, "-c", _SCRIPT, train_json, train_images, val_json, val_images, str(work)]

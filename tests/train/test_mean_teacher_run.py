@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.train import toy_configs
+from tests.xla_env import cpu_env
 
 ROOT = toy_configs.ROOT
 
@@ -46,14 +47,11 @@ def _cmd(setup, workdir):
 
 
 def _env(cache):
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    return cpu_env(
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def _leaves(workdir, step, part):

@@ -24,6 +24,8 @@ import sys
 
 import pytest
 
+from tests.xla_env import cpu_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEY = "segm/AR@100"
 GAIN_BAR = 0.015  # Mean Teacher's measured gain: +0.017 to +0.034 over seeds 0-3
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 def test_mean_teacher_raises_mask_recall_more_than_continued_training(tmp_path):
     out = tmp_path / "check.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = cpu_env(full_opt=True)  # 1800 steps: compiled as users run it
     r = subprocess.run(
         [sys.executable, os.path.join("experiments", "mt_learning_check.py"), "--out", str(out),
          "--root", str(tmp_path / "work")],

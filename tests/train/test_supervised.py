@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.train import toy_configs
+from tests.xla_env import cpu_env
 
 ROOT = toy_configs.ROOT
 
@@ -47,14 +48,11 @@ def _cmd(dataset, workdir):
 
 def _env(cache):
     # A shared persistent compilation cache: the second and third runs do not recompile.
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    return cpu_env(
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def _state(workdir, step):
@@ -199,7 +197,7 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(dataset, tmp_p
     r = subprocess.run(
         [sys.executable, "-c", _NAN_SCRIPT, gt, image_dir, str(work)],
         cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        env=cpu_env(),
         capture_output=True,
         text=True,
         timeout=900,

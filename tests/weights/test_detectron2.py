@@ -17,6 +17,7 @@ from hassod_jax.weights.convert import main as convert_main
 from hassod_jax.weights.torch_reader import CheckpointError, read_checkpoint
 from hassod_jax.weights.torch_writer import save_torch_checkpoint
 from tests.d2_fixture import fixture_path
+from tests.xla_env import cpu_env
 
 KEYS_FILE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -177,7 +178,7 @@ def test_a_checkpoint_saved_on_8_devices_loads_on_1(tmp_path):
         "    np.testing.assert_array_equal(np.asarray(g), want[f'arr_{i}'])\n"
         "print('LOADED', len(got))\n"
     )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = cpu_env()
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "W"), str(tmp_path / "want.npz")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
