@@ -47,7 +47,7 @@ setup(
             "pytest",
             # Two test workers (pyproject's addopts): XLA compiles, which dominate the suite,
             # are mostly single-threaded, so two workers on a 2-core machine nearly halve it.
-            "pytest-xdist",
+            "pytest-xdist>=3.8",  # --no-loadscope-reorder (3.8.0)
             "torch>=2.9",
             "torchvision>=0.24",
             "tensorflow-datasets",

@@ -61,6 +61,44 @@ if not os.environ.get("HASSOD_TEST_NO_COMPILE_CACHE") and not os.environ.get(
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
+# The test files that take longest, longest first (seconds of one xdist worker in the README's
+# test command, 2026-12-03: 298 down to 46; the two slow-marked parity files, 283 and 146, when
+# `-m slow` selects them). pytest-xdist hands files to the workers in collection order
+# (`--no-loadscope-reorder` in pyproject.toml; by default it starts with the files that have
+# the MOST tests), so these start first and the short files fill in at the end: the two
+# workers finish together instead of one running a minutes-long file alone at the end.
+LONGEST_FIRST = (
+    "tests/train/test_distributed_mt.py",
+    "tests/test_reproduce.py",
+    "tests/models/test_d2_train_step.py",
+    "tests/train/test_learning.py",
+    "tests/train/test_mean_teacher.py",
+    "tests/train/test_distributed.py",
+    "tests/test_demo.py",
+    "tests/models/test_r50_step.py",
+    "tests/train/test_mean_teacher_sharding.py",
+    "tests/train/test_supervised.py",
+    "tests/train/test_mean_teacher_run.py",
+    "tests/models/test_vit.py",
+    "tests/discovery/test_pipeline.py",
+    "tests/models/test_d2_parity.py",
+    "tests/models/test_detector.py",
+    "tests/discovery/test_crf.py",
+    "tests/test_predict_mode.py",
+    "tests/discovery/test_hac.py",
+    "tests/evaluate/test_predict.py",
+    "tests/train/test_untested_paths.py",
+    "tests/weights/test_detectron2.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """LONGEST_FIRST's files first, in its order; every other file after them as collected
+    (a stable sort: the tests of a file keep their order)."""
+    rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
     """Puts os.environ back as it was after each test. A test that calls a script's main()
