@@ -26,10 +26,11 @@ def session_flags(flags: str) -> str:
     return flags.strip()
 
 
-def cpu_env(devices: int | None = None, full_opt: bool = False, **extra) -> dict:
+def cpu_env(devices: int | None = None, full_opt: bool = False, cache=None, **extra) -> dict:
     """os.environ for a subprocess on the CPU: the session's XLA flags less its device count
     (one device, or `devices`), plus FAST_COMPILE unless `full_opt` or HASSOD_TEST_FULL_OPT;
-    `extra` added."""
+    with `cache`, a persistent compilation cache there that keeps every compile (processes
+    given the same folder do not compile again); `extra` added."""
     keep = [f for f in os.environ.get("XLA_FLAGS", "").split()
             if "xla_force_host_platform_device_count" not in f]
     if devices is not None:
@@ -37,4 +38,9 @@ def cpu_env(devices: int | None = None, full_opt: bool = False, **extra) -> dict
     if not full_opt and not os.environ.get("HASSOD_TEST_FULL_OPT") and not any(
             "xla_backend_optimization_level" in f for f in keep):
         keep.append(FAST_COMPILE)
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(keep), **extra}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(keep)}
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return {**env, **extra}

@@ -46,14 +46,6 @@ def _cmd(setup, workdir):
     ]
 
 
-def _env(cache):
-    return cpu_env(
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-
-
 def _leaves(workdir, step, part):
     import jax
     import orbax.checkpoint as ocp
@@ -67,7 +59,7 @@ def _leaves(workdir, step, part):
 def test_mean_teacher_run_metrics_student_and_sigkill_resume(setup, tmp_path):
     cache = tmp_path / "cache"
     full = tmp_path / "full"
-    r = subprocess.run(_cmd(setup, full), cwd=ROOT, env=_env(cache), capture_output=True,
+    r = subprocess.run(_cmd(setup, full), cwd=ROOT, env=cpu_env(cache=cache), capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (full / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -94,7 +86,7 @@ def test_mean_teacher_run_metrics_student_and_sigkill_resume(setup, tmp_path):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(setup, killed), cwd=ROOT, env=_env(cache),
+    proc = subprocess.Popen(_cmd(setup, killed), cwd=ROOT, env=cpu_env(cache=cache),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -105,7 +97,7 @@ def test_mean_teacher_run_metrics_student_and_sigkill_resume(setup, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "checkpoints" / "4").exists()
-    r = subprocess.run(_cmd(setup, killed), cwd=ROOT, env=_env(cache), capture_output=True,
+    r = subprocess.run(_cmd(setup, killed), cwd=ROOT, env=cpu_env(cache=cache), capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming at step" in r.stderr
