@@ -214,13 +214,20 @@ def main(argv=None):
           "two steps alternating (ratio: median over back-to-back pairs); "
           f"teacher targets/image {rows[1].get('teacher_targets_per_image', 0):.1f} "
           f"(threshold {args.score_thresh}, {args.max_targets} slots)")
+    # Peak device memory over both steps (where the backend reports it: GPUs and TPUs do).
+    mem = jax.devices()[0].memory_stats() or {}
+    peak_gib = mem.get("peak_bytes_in_use", 0) / 2**30
+    if peak_gib:
+        print(f"peak device memory over both steps {peak_gib:.1f} GiB "
+              f"(of {mem.get('bytes_limit', 0) / 2**30:.1f} GiB the allocator may use)")
     missing = [m for m in ("clu", "grain", "pycocotools", "ml_collections") if m in sys.modules]
     if missing:
         print(f"note: imported {missing}, which the GPU machine lacks")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items()}, "rows": rows,
-                       "device": jax.devices()[0].device_kind, "devices": n_dev}, f, indent=1)
+                       "device": jax.devices()[0].device_kind, "devices": n_dev,
+                       "peak_gib": peak_gib}, f, indent=1)
     return rows
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session's checks and timings, each bounded so the whole run ends inside ~9 minutes.
+# One GPU session's checks and timings, each part bounded by its own timeout (all parts together
+# take longer than one 10-minute device command: pick some with PARTS).
 # Usage (on the GPU machine, from the repo root): OUT=results_dir bash experiments/gpu_bench.sh
 # PARTS picks and orders the parts (default: all), e.g. PARTS="profile train" for the
-# detector work of issues #6/#7 alone.
+# detector work of issues #6/#7 alone, PARTS="mt mt_bf16" for the Mean Teacher step (#11).
 # Needs jax[cuda], flax, optax, torch, torchvision, scikit-image; pycocotools and ml_collections
 # for the end-to-end discovery benchmark.
 set -u
@@ -15,7 +16,7 @@ run() {  # name seconds command...
   timeout "$secs" "$@" 2>&1 | grep -v -i "warning" | tee "$OUT/$name.log" | tail -40
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
-PARTS=${PARTS:-"hac crf features discovery detector profile train"}
+PARTS=${PARTS:-"hac crf features discovery detector profile train mt mt_bf16"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for part in $PARTS; do
   case $part in
@@ -33,6 +34,10 @@ for part in $PARTS; do
     --out "$OUT/profile.json" ;;
   train) run train 240 python3 experiments/bench_train.py --steps 5 --workers 8 \
     --out "$OUT/train.json" ;;
+  mt) run mt_f32 300 python3 experiments/bench_mean_teacher.py --gpu --steps 5 \
+    --out "$OUT/mt_f32.json" ;;
+  mt_bf16) run mt_bf16 200 python3 experiments/bench_mean_teacher.py --gpu --steps 5 \
+    --dtype bfloat16 --out "$OUT/mt_bf16.json" ;;
   *) echo "unknown part $part" ;;
   esac
 done
