@@ -16,6 +16,7 @@ from hassod_jax.models import detector as D  # noqa: E402
 from hassod_jax.models.fpn import FPN  # noqa: E402
 from hassod_jax.models.roi_heads import Deconv2x2, MaskHead, scale_gradient  # noqa: E402
 from hassod_jax.models.rpn import RPNHead  # noqa: E402
+from tests.xla_env import FAST_JIT  # noqa: E402
 
 F = torch.nn.functional
 
@@ -262,7 +263,7 @@ def test_level_loss_weight_zero_is_the_detector_without_a_level_head(model_and_v
         )(params)
         return g0, l0, g1
 
-    g0, l0, g1 = jax.jit(both)(variables["params"])
+    g0, l0, g1 = jax.jit(both, compiler_options=FAST_JIT)(variables["params"])
     for k in range(3):
         assert float(l0[f"stage{k}/level"]) == 0.0
     flat1 = dict(jax.tree_util.tree_leaves_with_path(g1))

@@ -19,6 +19,7 @@ from hassod_jax.models import detector as D
 from hassod_jax.models import resnet
 from hassod_jax.train import supervised
 from tests.models.torch_resnet import resnet50_with_random_bn
+from tests.xla_env import FAST_JIT
 
 H = W = 64
 B = 2
@@ -111,7 +112,7 @@ def test_full_r50_init_from_resnet_checkpoint_and_one_train_step(r50_file):
         for p, leaf in got:
             np.testing.assert_array_equal(np.asarray(leaf), want[p], err_msg=str(p))
             assert leaf.dtype == jnp.float32
-    step = jax.jit(supervised.make_train_step(model, tx, sched))
+    step = jax.jit(supervised.make_train_step(model, tx, sched), compiler_options=FAST_JIT)
     batch = _batch()
     before = jax.tree_util.tree_map(np.asarray, (state.params, state.batch_stats))
     new, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()}, rng)

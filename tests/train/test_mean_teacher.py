@@ -16,6 +16,7 @@ from hassod_jax.discovery.hierarchy import hierarchy_levels
 from hassod_jax.models import detector as D
 from hassod_jax.train import mean_teacher as MT
 from hassod_jax.train import optim, schedules
+from tests.xla_env import FAST_JIT
 
 
 def test_ema_arithmetic_and_copy_at_step_zero():
@@ -144,7 +145,8 @@ def mt_setup():
     sched = schedules.cosine_with_warmup(0.01, 10, warmup_iters=5)
     tx = optim.sgd(sched)
     step = jax.jit(
-        MT.make_mt_step(model, tx, sched, total_steps=10, score_thresh=0.0, max_targets=8)
+        MT.make_mt_step(model, tx, sched, total_steps=10, score_thresh=0.0, max_targets=8),
+        compiler_options=FAST_JIT,
     )
     return model, variables, tx, step
 
@@ -192,7 +194,7 @@ def test_unsup_false_leaves_the_branch_out_and_gives_the_weight_zero_update(mt_s
     args = (label, unlabel, jax.random.PRNGKey(1))
     flops, out = {}, {}
     for name, fn in (("off", off), ("w0", w0)):
-        compiled = fn.lower(s0, *args).compile()  # one compile each: it also runs the step
+        compiled = fn.lower(s0, *args).compile(FAST_JIT)  # one compile each: it also runs it
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops[name] = float(cost["flops"])

@@ -14,6 +14,7 @@ from hassod_jax import defaults, utils
 from hassod_jax.data import loader, synthetic
 from hassod_jax.evaluate import predict
 from hassod_jax.train import supervised
+from tests.xla_env import FAST_JIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSSES = {"rpn/cls", "rpn/box", "mask"} | {
@@ -102,8 +103,10 @@ def test_bfloat16_train_step_is_finite_keeps_float32_params_and_tracks_float32(s
     rtol = {"rpn/cls": 2e-3, "rpn/box": 2e-3, "mask": 1e-2, "total_loss": 0.1}
     for k in range(3):
         rtol |= {f"stage{k}/cls": 0.25, f"stage{k}/box": 0.4, f"stage{k}/level": 0.02}
-    step16 = jax.jit(supervised.make_train_step(model16, tx, sched))
-    step32 = jax.jit(supervised.make_train_step(model32, tx, sched))
+    step16 = jax.jit(supervised.make_train_step(model16, tx, sched),
+                     compiler_options=FAST_JIT)
+    step32 = jax.jit(supervised.make_train_step(model32, tx, sched),
+                     compiler_options=FAST_JIT)
     spread = {}
     for i, batch in enumerate(batches):
         new16, m16 = _run(step16, state, batch, seed=i)
