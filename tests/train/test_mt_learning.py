@@ -24,8 +24,8 @@ reproduce to the last digit on one machine, not across machines: another CPU (or
 rounds float32 differently, and 1800 steps of training amplify it (seed 0 gave +0.019 vs +0.013
 on the 2026-12-03 machine, +0.014 vs +0.012 on the 2026-12-04 one).
 
-About 8-9 minutes on one CPU core, the longest file of the default run (tests/conftest.py
-starts it first).
+About 8-9 minutes on one CPU core alone, 11 of one worker in the README's test command (672 s
+on 2026-12-04): the longest file of the default run, which tests/conftest.py starts first.
 """
 
 import json
