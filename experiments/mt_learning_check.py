@@ -111,13 +111,21 @@ def score(workdir, val_json, val_images, size=SIZE):
     from hassod_jax.weights.detectron2 import load_detector
 
     module, variables = load_detector(workdir, detections_per_image=100)
-    fn = _PREDICT_FNS.setdefault(repr(module.config), predict.make_predict_fn(module))
+    if module.config not in _PREDICT_FNS:
+        _PREDICT_FNS[module.config] = predict.make_predict_fn(module)
+    fn = _PREDICT_FNS[module.config]
     gt = load_coco_json(val_json)
     preds = predict.predict(module, variables, predict.images_from_coco(gt, val_images),
                             short_edge=size, max_size=size, buckets=((size, size),), batch_size=8,
                             predict_fn=fn)
     m = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"))
     return {f"{t}/{k}": float(m[t][k]) for t in ("bbox", "segm") for k in ("AP", "AP50", "AR@100")}
+
+
+def _logged(workdir):
+    """The rows a training run logged (its logs/metrics.jsonl)."""
+    with open(os.path.join(workdir, "logs", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_images=256,
@@ -147,8 +155,7 @@ def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_image
     out["seconds"]["stage1"] = time.perf_counter() - t0
     out["start"] = score(w1, val_json, val_dir, size)
     # Stage 1's first and last logged losses.
-    with open(os.path.join(w1, "logs", "metrics.jsonl")) as f:
-        losses = [x for x in map(json.loads, f) if "rpn/cls" in x]
+    losses = [x for x in _logged(w1) if "rpn/cls" in x]
     out["stage1_log"] = {"first": losses[0], "last": losses[-1]}
     for name, unsup in (("mean_teacher", True), ("continued", False)):
         t0 = time.perf_counter()
@@ -156,8 +163,7 @@ def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_image
         mean_teacher.train(mt_config(w1, half, images, mt_steps, seed, unsup, mt_lr, size), w)
         out["seconds"][name] = time.perf_counter() - t0
         out[name] = score(w, val_json, val_dir, size)
-        with open(os.path.join(w, "logs", "metrics.jsonl")) as f:
-            logged = [json.loads(line) for line in f]
+        logged = _logged(w)
         out[name]["teacher_targets_per_image"] = sum(
             x["teacher/targets_per_image"] for x in logged) / len(logged)
     return out

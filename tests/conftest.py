@@ -65,8 +65,9 @@ if not os.environ.get("HASSOD_TEST_NO_COMPILE_CACHE") and not os.environ.get(
 # test command, 2026-12-04: the learning check 672, then 199 down to 40; 2026-12-03: the two
 # slow-marked parity files, 283 and 146, when `-m slow` selects them). pytest-xdist hands
 # files to the workers in collection order (`--no-loadscope-reorder` in pyproject.toml; by
-# default it starts with the files that have the MOST tests), so these start first and the short files fill in at the end: the two
-# workers finish together instead of one running a minutes-long file alone at the end.
+# default it starts with the files that have the MOST tests), so these start first and the
+# short files fill in at the end: the two workers finish together instead of one running a
+# minutes-long file alone at the end.
 LONGEST_FIRST = (
     "tests/train/test_mt_learning.py",
     "tests/train/test_distributed_mt.py",
