@@ -248,7 +248,7 @@ def mean_teacher():
 
 def prepare_gt():
     """mode=prepare_gt: class-agnostic COCO ground truth ({id 1, "fg"}) from a benchmark's
-    official files (hassod_jax/data/prepare_gt.py; reference/original_stage2.md B.8)."""
+    official files (the rules: hassod_jax/data/prepare_gt.py and docs/reproduce.md)."""
     c = ml_collections.ConfigDict()
     c.mode = "prepare_gt"
     # coco | lvis | coco_lvis | objects365 | sa1b | uvo | kitti
@@ -259,12 +259,17 @@ def prepare_gt():
     c.lvis_json = ""  # coco_lvis: LVIS v1's lvis_v1_val.json
     c.output = ""  # default: W/<format>_cls_agnostic.json
     c.max_images = -1  # the first N images (file order; natural name order for sa1b); -1 = all
-    # coco_lvis: an LVIS instance with mask IoU >= this with a COCO instance of its image is a
-    # duplicate and left out (the COCO instance is kept); the original's rule is unpublished.
+    # coco_lvis duplicates: 'vs_coco' (ours) leaves out an LVIS instance with mask IoU >=
+    # dedup_iou with a COCO instance of its image; 'cutler' (CutLER's published merge) keeps
+    # the COCO instances, then an LVIS one only below IoU 0.5 with every instance kept so far.
+    # The summary gives both rules' counts; the original's rule is unpublished.
+    c.dedup_rule = "vs_coco"
     c.dedup_iou = 0.9
-    # lvis: file_name from coco_url's last part ('last': 000000397133.jpg) or its last two
-    # ('split': val2017/000000397133.jpg, detectron2's rule; one image root for both splits).
-    c.lvis_file_name = "last"
+    # lvis: file_name from coco_url's last two parts ('split': val2017/000000397133.jpg, for
+    # the COCO folder as the one image root, as detectron2's LVIS loader and CutLER's
+    # class-agnostic LVIS set use it) or its last ('last': 000000397133.jpg, for one folder
+    # holding the images of both splits).
+    c.lvis_file_name = "split"
     c.kitti_dontcare = "crowd"  # kitti: DontCare regions as iscrowd 1 ('crowd') or 'drop'
     # False: malformed records are skipped and counted in the summary; True: the first one
     # stops the run with one line naming the file and the record.

@@ -7,8 +7,8 @@ Writes one COCO instance JSON with the single
 category {id 1, "fg"} (default `W/<format>_cls_agnostic.json`) and a summary beside it
 (`<output>.summary.json`: images, instances, per image, what was dropped and why, with the
 first few records of each reason). The original HASSOD evaluates on such files, prepared
-offline "following CutLER" with unpublished rules (reference/original_stage2.md B.8); the
-rules used here are written out below and in docs/reproduce.md.
+offline "following CutLER" with rules it does not publish; the rules used here are written
+out below and in docs/reproduce.md.
 
 Common rules (every format):
 - every category maps to 1; `iscrowd` is kept (0 where the source has none);
@@ -20,25 +20,32 @@ Common rules (every format):
   (pycocotools `area` / `toBbox`) or, for boxes, w x h;
 - annotation ids are renumbered 1..N in output order; images keep their ids and get
   `id, file_name, height, width` only;
-- a malformed record (a missing field, a polygon with fewer than 3 points, an RLE of the
-  wrong size, a box with no area, an annotation of an unknown image) is skipped and counted
-  in the summary; with `--config.strict=True` it stops the run with one line naming the file
-  and the record. A polygon with fewer than 3 points is dropped from its annotation (counted
-  as 'polygon parts dropped'); the annotation goes only when no polygon is left.
+- a malformed record (a missing field, no usable polygon, an RLE of the wrong size, a box
+  with no area, an annotation of an unknown image) is skipped and counted in the summary;
+  with `--config.strict=True` it stops the run with one line naming the file and the record.
+- a polygon part with fewer than 3 points or an odd number of coordinates is dropped from its
+  annotation and counted ('polygon parts dropped (...)', one reason each); the annotation
+  goes only when no part is left. This is detectron2's `load_coco_json` rule, which CutLER
+  copies (`len(poly) % 2 == 0 and len(poly) >= 6`). A dropped part is not a skipped record:
+  strict mode counts it and goes on.
 
 Formats (`--config.format`), `--config.input` and what each reads:
 - `coco`: `instances_val2017.json` (images with `file_name`; polygons, crowd RLE).
 - `lvis`: LVIS v1 `lvis_v1_val.json` (images with `coco_url`, no `file_name`; polygons;
   no `iscrowd`; per-image `not_exhaustive_category_ids` / `neg_category_ids`, which name
   categories and mean nothing for one class: they are dropped and the images carrying them
-  counted). `file_name` is the URL's last part (`000000397133.jpg`), or with
-  `--config.lvis_file_name=split` its last two (`val2017/000000397133.jpg`, detectron2's
-  LVIS loader's rule), so one image root (the COCO folder) serves LVIS v1 val's images,
-  which come from both train2017 and val2017.
+  counted). `file_name` is the URL's last two parts (`val2017/000000397133.jpg`; the default
+  `--config.lvis_file_name=split`), so the COCO folder is the one image root for LVIS v1
+  val's images, which come from both train2017 and val2017: detectron2's LVIS loader builds
+  its paths so, and CutLER (and HASSOD after it) registers its class-agnostic LVIS file with
+  the COCO folder as image root. `last` gives the URL's last part (`000000397133.jpg`): the
+  plain COCO-loader convention, for one folder that holds the images of both splits.
 - `coco_lvis`: `input` = COCO's instances_val2017.json, `lvis_json` = lvis_v1_val.json; on
-  the images both hold, every COCO instance and every LVIS instance whose mask IoU with all
-  COCO instances of its image is below `dedup_iou` (0.9): a duplicate keeps the COCO
-  instance. The summary counts the duplicates removed.
+  the images both hold, every COCO instance and the LVIS instances that `dedup_rule` keeps:
+  `vs_coco` (ours, the default) those whose mask IoU with every COCO instance of the image
+  is below `dedup_iou` (0.9); `cutler` (the merge of CutLER's get_self_training_ann.py)
+  those whose IoU with every instance kept so far (COCO's, then the LVIS ones kept before
+  it in file order) is below 0.5. The summary gives both rules' counts (`dedup_rules`).
 - `objects365`: Objects365 v2 `zhiyuan_objv2_val.json` (COCO-like, boxes only; `iscrowd`
   kept; `isfake` / `isreflected` are not used) -> box-only ground truth.
 - `sa1b`: a folder of SA-1B per-image JSONs (`sa_<n>.json`: `image` {image_id, width, height,
@@ -71,6 +78,10 @@ FORMATS = ("coco", "lvis", "coco_lvis", "objects365", "sa1b", "uvo", "kitti")
 MASK_FORMATS = ("coco", "lvis", "coco_lvis", "sa1b", "uvo")
 KITTI_FIELDS = 15
 POLYGON_PARTS_DROPPED = "polygon parts dropped (fewer than 3 points)"
+POLYGON_PARTS_ODD = "polygon parts dropped (odd number of coordinates)"
+NO_VALID_POLYGON = "no polygon with 3 or more points and an even number of coordinates"
+DEDUP_RULES = ("vs_coco", "cutler")
+CUTLER_MERGE_IOU = 0.5  # CutLER's get_self_training_ann.py: a mask joins below this IoU
 
 
 def _mask_utils():
@@ -105,13 +116,11 @@ class Problems:
         if len(shown) < self.max_examples:
             shown.append(f"{source}: {record}" + (f" ({detail})" if detail else ""))
 
-    def part_dropped(self, source, record, n):
-        """`n` polygons with fewer than 3 points dropped from an annotation that keeps others:
-        counted (not an error) unless strict."""
-        if self.strict:
-            self(source, record, "polygon with fewer than 3 points", f"{n} of the annotation's")
-        self.counts[POLYGON_PARTS_DROPPED] = self.counts.get(POLYGON_PARTS_DROPPED, 0) + n
-        shown = self.examples.setdefault(POLYGON_PARTS_DROPPED, [])
+    def parts_dropped(self, source, record, reason, n):
+        """`n` polygon parts dropped from an annotation that keeps others: counted, never an
+        error (strict mode stops only at what normal mode skips whole)."""
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        shown = self.examples.setdefault(reason, [])
         if len(shown) < self.max_examples:
             shown.append(f"{source}: {record} ({n})")
 
@@ -169,24 +178,24 @@ def convert_segmentation(segm, h, w):
     """A COCO segmentation -> (compressed RLE dict with str counts, None, parts dropped), or
     (None, (reason, detail), parts dropped) for one that is malformed.
 
-    Polygons with fewer than 3 points are dropped (their number is returned); the
-    segmentation fails only when none is left."""
+    As detectron2's `load_coco_json` (and CutLER's copy of it), a polygon part with an odd
+    number of coordinates or fewer than 3 points is dropped and the others are kept; the
+    segmentation fails only when none is left. `parts dropped` is {reason: count}."""
     mask_utils = _mask_utils()
     if isinstance(segm, list):
         if not segm:
-            return None, ("empty polygon list", ""), 0
-        polys, dropped = [], 0
+            return None, ("empty polygon list", ""), {}
+        polys, dropped = [], {}
         for p in segm:
             if not isinstance(p, list) or not all(_is_number(v) for v in p):
-                return None, ("polygon that is not a list of numbers", ""), 0
-            if len(p) % 2:
-                return None, ("polygon with an odd number of coordinates", f"{len(p)}"), 0
-            if len(p) < 6:
-                dropped += 1
+                return None, ("polygon that is not a list of numbers", ""), {}
+            why = POLYGON_PARTS_ODD if len(p) % 2 else POLYGON_PARTS_DROPPED if len(p) < 6 else ""
+            if why:
+                dropped[why] = dropped.get(why, 0) + 1
                 continue
             polys.append([float(v) for v in p])
         if not polys:
-            return None, ("no polygon with 3 or more points", f"{dropped} dropped"), dropped
+            return None, (NO_VALID_POLYGON, f"{sum(dropped.values())} part(s)"), dropped
         rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
         return _json_rle(rle, h, w), None, dropped
     elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
@@ -195,30 +204,30 @@ def convert_segmentation(segm, h, w):
             return (
                 None,
                 ("RLE size differs from the image size", f"RLE {size}, image [{h}, {w}]"),
-                0,
+                {},
             )
         counts = segm["counts"]
         if isinstance(counts, list):
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
-                return None, ("uncompressed RLE counts that are not non-negative integers", ""), 0
+                return None, ("uncompressed RLE counts that are not non-negative integers", ""), {}
             total = sum(counts)
             if total != h * w:
-                return None, ("RLE runs do not sum to height x width", f"{total} != {h * w}"), 0
+                return None, ("RLE runs do not sum to height x width", f"{total} != {h * w}"), {}
             rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-            return _json_rle(rle, h, w), None, 0
+            return _json_rle(rle, h, w), None, {}
         elif isinstance(counts, (str, bytes)):
             try:
                 total = int(rle_string_counts(counts).sum())
             except ValueError as e:
-                return None, ("malformed RLE string", str(e)), 0
+                return None, ("malformed RLE string", str(e)), {}
             if total != h * w:
-                return None, ("RLE runs do not sum to height x width", f"{total} != {h * w}"), 0
+                return None, ("RLE runs do not sum to height x width", f"{total} != {h * w}"), {}
             counts = counts.decode("ascii") if isinstance(counts, bytes) else counts
-            return {"size": [h, w], "counts": counts}, None, 0
+            return {"size": [h, w], "counts": counts}, None, {}
         else:
-            return None, ("RLE counts neither a list nor a string", type(counts).__name__), 0
+            return None, ("RLE counts neither a list nor a string", type(counts).__name__), {}
     else:
-        return None, ("segmentation neither polygons nor RLE", type(segm).__name__), 0
+        return None, ("segmentation neither polygons nor RLE", type(segm).__name__), {}
 
 
 def _json_rle(rle, h, w):
@@ -316,8 +325,8 @@ class _Builder:
             if why:
                 p(source, record, *why)
                 return None
-            if dropped:
-                p.part_dropped(source, record, dropped)
+            for reason, n in dropped.items():
+                p.parts_dropped(source, record, reason, n)
         box = a.get("bbox")
         if box is not None and not _valid_box(box):
             p(source, record, "bbox that is not 4 numbers", f"{box!r}")
@@ -376,7 +385,7 @@ def _coco_file_name(im):
     return name, None
 
 
-def lvis_file_name(im, rule="last"):
+def lvis_file_name(im, rule="split"):
     """LVIS images carry `coco_url` (http://images.cocodataset.org/val2017/000000397133.jpg)
     and no file_name: 'last' -> '000000397133.jpg', 'split' -> 'val2017/000000397133.jpg'."""
     url = im.get("coco_url")
@@ -436,7 +445,7 @@ def convert_coco(path, problems, max_images=-1):
     return b.images, b.annotations, {"source_categories": len(data.get("categories") or [])}
 
 
-def convert_lvis(path, problems, max_images=-1, file_name_rule="last"):
+def convert_lvis(path, problems, max_images=-1, file_name_rule="split"):
     data = _read_coco_like(path, "LVIS file")
     images = data["images"][: max_images if max_images is not None and max_images >= 0 else None]
     extra = {
@@ -455,11 +464,45 @@ def convert_lvis(path, problems, max_images=-1, file_name_rule="last"):
     return b.images, b.annotations, extra
 
 
-def convert_coco_lvis(coco_path, lvis_path, problems, dedup_iou=0.9, max_images=-1):
-    """COCO and LVIS on the images both hold; an LVIS instance with mask IoU >= dedup_iou with
-    any COCO instance of its image is a duplicate (the COCO instance is kept)."""
+def _iou(a, b):
+    """Mask IoU matrix (len(a), len(b)) of compressed RLEs, every mask taken as non-crowd."""
+    if not a or not b:
+        return np.zeros((len(a), len(b)))
+    return np.asarray(_mask_utils().iou(a, b, [0] * len(b))).reshape(len(a), len(b))
+
+
+def lvis_duplicates(l_masks, c_masks, dedup_iou=0.9):
+    """Which LVIS masks of one image each rule leaves out, as {rule: (L,) bool}:
+    - 'vs_coco' (ours): mask IoU >= dedup_iou with a COCO mask of the image;
+    - 'cutler' (CutLER's get_self_training_ann.py merge): the COCO masks are kept, then each
+      LVIS mask in file order joins only when its IoU with every mask kept so far is below
+      CUTLER_MERGE_IOU (0.5), so near-copies inside LVIS go too."""
+    iou_lc, iou_ll = _iou(l_masks, c_masks), _iou(l_masks, l_masks)
+    vs_coco = (
+        iou_lc.max(axis=1) >= float(dedup_iou) if c_masks else np.zeros(len(l_masks), bool)
+    )
+    cutler = np.zeros(len(l_masks), bool)
+    kept = []
+    for i in range(len(l_masks)):
+        worst = max([*iou_lc[i], *iou_ll[i, kept]], default=0.0)
+        cutler[i] = worst >= CUTLER_MERGE_IOU
+        if not cutler[i]:
+            kept.append(i)
+    return {"vs_coco": vs_coco, "cutler": cutler}
+
+
+def convert_coco_lvis(
+    coco_path, lvis_path, problems, dedup_iou=0.9, max_images=-1, dedup_rule="vs_coco"
+):
+    """COCO and LVIS on the images both hold; every COCO instance, and the LVIS instances the
+    duplicate rule `dedup_rule` keeps (`lvis_duplicates`). The summary holds both rules'
+    counts on this input."""
     if not 0.0 < float(dedup_iou) <= 1.0:
         raise utils.ConfigError(f"--config.dedup_iou must be in (0, 1], got {dedup_iou}")
+    if dedup_rule not in DEDUP_RULES:
+        raise utils.ConfigError(
+            f"--config.dedup_rule must be one of {', '.join(DEDUP_RULES)}; got {dedup_rule!r}"
+        )
     coco = _read_coco_like(coco_path, "COCO instances file")
     lvis = _read_coco_like(lvis_path, "LVIS file")
     lvis_ids = {im.get("id") for im in lvis["images"] if isinstance(im, dict)}
@@ -469,14 +512,13 @@ def convert_coco_lvis(coco_path, lvis_path, problems, dedup_iou=0.9, max_images=
     b_coco = _coco_like(coco_path, coco, problems, True, _coco_file_name, image_ids=shared_ids)
     kept_ids = {im["id"] for im in b_coco.images}
     b_lvis = _coco_like(lvis_path, lvis, problems, True, lvis_file_name, image_ids=kept_ids)
-    mask_utils = _mask_utils()
     by_image = {}
     for a in b_coco.annotations:
         by_image.setdefault(a["image_id"], []).append(a)
     lvis_by_image = {}
     for a in b_lvis.annotations:
         lvis_by_image.setdefault(a["image_id"], []).append(a)
-    anns, removed = [], 0
+    anns, removed = [], dict.fromkeys(DEDUP_RULES, 0)
     for im in b_coco.images:
         c_anns = by_image.get(im["id"], [])
         l_anns = lvis_by_image.get(im["id"], [])
@@ -494,27 +536,35 @@ def convert_coco_lvis(coco_path, lvis_path, problems, dedup_iou=0.9, max_images=
             anns.append(dict(a, source="coco"))
         if not l_anns:
             continue
-        if c_anns:
-            iou = np.asarray(
-                mask_utils.iou(
-                    [a["segmentation"] for a in l_anns],
-                    [a["segmentation"] for a in c_anns],
-                    [0] * len(c_anns),
-                )
-            ).reshape(len(l_anns), len(c_anns))
-            duplicate = iou.max(axis=1) >= float(dedup_iou)
-        else:
-            duplicate = np.zeros(len(l_anns), bool)
-        removed += int(duplicate.sum())
-        anns.extend(dict(a, source="lvis") for a, d in zip(l_anns, duplicate) if not d)
+        duplicate = lvis_duplicates(
+            [a["segmentation"] for a in l_anns], [a["segmentation"] for a in c_anns], dedup_iou
+        )
+        for rule, d in duplicate.items():
+            removed[rule] += int(d.sum())
+        anns.extend(
+            dict(a, source="lvis") for a, d in zip(l_anns, duplicate[dedup_rule]) if not d
+        )
+    n_img = len(b_coco.images)
+    candidates = len(anns) + removed[dedup_rule]  # what both rules choose from
     extra = {
         "coco_images": len(coco["images"]),
         "lvis_images": len(lvis["images"]),
         "shared_images": len(shared),
         "coco_instances": len(b_coco.annotations),
         "lvis_instances": len(b_lvis.annotations),
+        "dedup_rule": dedup_rule,
         "dedup_iou": float(dedup_iou),
-        "duplicates_removed": removed,
+        "duplicates_removed": removed[dedup_rule],
+        # Both rules on this input, whichever wrote the file (LVIS instances of an image
+        # whose sizes disagree are left out by both and counted under 'dropped').
+        "dedup_rules": {
+            rule: {
+                "instances": candidates - n,
+                "instances_per_image": round((candidates - n) / n_img, 4) if n_img else 0.0,
+                "duplicates_removed": n,
+            }
+            for rule, n in removed.items()
+        },
     }
     return b_coco.images, anns, extra
 
@@ -752,7 +802,8 @@ def prepare(
     lvis_json="",
     max_images=-1,
     dedup_iou=0.9,
-    lvis_file_name_rule="last",
+    dedup_rule="vs_coco",
+    lvis_file_name_rule="split",
     kitti_dontcare="crowd",
     strict=False,
     max_examples=5,
@@ -780,7 +831,7 @@ def prepare(
             raise FileNotFoundError(f"--config.lvis_json not found: {lvis_json}")
         inputs["lvis_json"] = str(lvis_json)
         images, anns, extra = convert_coco_lvis(
-            input_path, lvis_json, problems, dedup_iou, max_images
+            input_path, lvis_json, problems, dedup_iou, max_images, dedup_rule
         )
     elif fmt == "objects365":
         images, anns, extra = convert_objects365(input_path, problems, max_images)
@@ -830,7 +881,8 @@ def run(config, workdir):
         lvis_json=config.get("lvis_json", ""),
         max_images=config.get("max_images", -1),
         dedup_iou=config.get("dedup_iou", 0.9),
-        lvis_file_name_rule=config.get("lvis_file_name", "last"),
+        dedup_rule=config.get("dedup_rule", "vs_coco"),
+        lvis_file_name_rule=config.get("lvis_file_name", "split"),
         kitti_dontcare=config.get("kitti_dontcare", "crowd"),
         strict=config.get("strict", False),
         max_examples=config.get("max_examples", 5),
@@ -848,14 +900,20 @@ def run(config, workdir):
         output,
     )
     if fmt == "coco_lvis":
+        rules = summary["dedup_rules"]
         logging.info(
-            "coco_lvis: %d COCO + %d LVIS instances on %d shared images, %d LVIS duplicates "
-            "(mask IoU >= %g with a COCO instance) removed",
+            "coco_lvis: %d COCO + %d LVIS instances on %d shared images; LVIS duplicates "
+            "removed by dedup_rule=%s: %d. Per image: vs_coco (IoU >= %g with a COCO mask) "
+            "%.2f, cutler (kept only below IoU %g with every kept mask) %.2f",
             summary["coco_instances"],
             summary["lvis_instances"],
             summary["shared_images"],
+            summary["dedup_rule"],
             summary["duplicates_removed"],
             summary["dedup_iou"],
+            rules["vs_coco"]["instances_per_image"],
+            CUTLER_MERGE_IOU,
+            rules["cutler"]["instances_per_image"],
         )
     for reason, n in summary["dropped"].items():
         logging.warning(

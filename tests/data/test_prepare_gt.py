@@ -1,7 +1,9 @@
 """mode=prepare_gt: each converter on tiny files written here in the official structure (field
 names, nesting, polygon and RLE forms), the output loaded and scored by pycocotools, and the
-malformed inputs (a missing field, a polygon with fewer than 3 points, an RLE of the wrong
-size): a counted skip, or with strict=True one line naming the file and the record."""
+malformed inputs (a missing field, no usable polygon, an RLE of the wrong size): a counted
+skip, or with strict=True one line naming the file and the record. Polygon parts follow
+detectron2's rule (written out in the test); the two coco_lvis duplicate rules are checked
+against IoUs computed by hand."""
 
 import contextlib
 import importlib.util
@@ -527,6 +529,81 @@ def test_lvis_cocofied(tmp_path, rule, names):
         assert _score(out, t)[0] == pytest.approx(1.0)
 
 
+def test_lvis_default_file_names_resolve_in_the_documented_layout(tmp_path):
+    """docs/reproduce.md's layout: COCO/{train2017,val2017}/*.jpg with the COCO folder as the
+    one image root (as detectron2's LVIS loader and CutLER's class-agnostic LVIS set use it);
+    LVIS v1 val draws images from both splits. The default config's file names must open."""
+    coco_root = tmp_path / "COCO"
+    for split, name in (("val2017", "000000000139.jpg"), ("train2017", "000000000397.jpg")):
+        os.makedirs(coco_root / split)
+        Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(coco_root / split / name)
+    path = _write(tmp_path / "lvis_v1_val.json", lvis_val())
+    out = str(tmp_path / "out" / "lvis.json")
+    s = P.run(_config(format="lvis", input=path, output=out), str(tmp_path / "w"))
+    with open(out) as f:
+        data = json.load(f)
+    for im in data["images"]:
+        assert os.path.isfile(coco_root / im["file_name"]), im["file_name"]
+    assert s["lvis_file_name"] == "split"
+
+
+def _two_rules_input(tmp_path):
+    """COCO + LVIS where the two duplicate rules differ; IoUs by hand (pycocotools rasterises
+    these axis-aligned squares to exactly their w x h pixels)."""
+    lvis = lvis_val()
+    lvis["annotations"] += [
+        # IoU 180 / 288 = 0.625 with COCO's 1001 (square 2,2-20,18): kept below 0.9, not below 0.5
+        {"id": 5, "image_id": 139, "category_id": 12, "segmentation": [_square(2, 2, 20, 12)]},
+        # IoU 80 / 100 = 0.8 with LVIS's own 2 (square 45,2-55,12), 25 / 255 with COCO's crowd
+        {"id": 6, "image_id": 139, "category_id": 12, "segmentation": [_square(45, 2, 55, 10)]},
+    ]
+    coco = _write(tmp_path / "instances_val2017.json", coco_instances())
+    return coco, _write(tmp_path / "lvis_v1_val.json", lvis)
+
+
+def test_coco_lvis_cutler_merge_rule_and_both_counts_in_the_summary(tmp_path):
+    """CutLER's published merge (a mask joins only when its IoU with every mask kept so far is
+    below 0.5, COCO's first) against ours (an LVIS mask goes when its IoU with a COCO mask is
+    >= 0.9); both rules' counts are in the summary whichever one writes the file."""
+    coco, lvis = _two_rules_input(tmp_path)
+    # LVIS 1 (0.9375 with 1001) goes by both rules; 2 and 3 (0.46 with 1002) stay by both;
+    # 5 (0.625) stays by ours only; 6 (0.8 with LVIS 2) stays by ours only.
+    _, data, s = _run(tmp_path, format="coco_lvis", input=coco, lvis_json=lvis)
+    assert s["dedup_rule"] == "vs_coco" and s["instances"] == 3 + 4
+    assert s["dedup_rules"]["vs_coco"] == {
+        "instances": 7,
+        "instances_per_image": 7.0,
+        "duplicates_removed": 1,
+    }
+    assert s["dedup_rules"]["cutler"] == {
+        "instances": 5,
+        "instances_per_image": 5.0,
+        "duplicates_removed": 3,
+    }
+    out, data, s2 = _run(
+        tmp_path, format="coco_lvis", input=coco, lvis_json=lvis, dedup_rule="cutler"
+    )
+    assert s2["dedup_rule"] == "cutler" and s2["instances"] == 5
+    assert s2["dedup_rules"] == s["dedup_rules"] and s2["duplicates_removed"] == 3
+    lvis_kept = [a for a in data["annotations"] if a["source"] == "lvis"]
+    masks = [a["segmentation"] for a in data["annotations"]]
+    assert len(lvis_kept) == 2
+    # the rule, checked on the output: every pair of non-crowd kept masks below IoU 0.5
+    iou = np.asarray(mask_utils.iou(masks, masks, [0] * len(masks)))
+    crowd = [a["iscrowd"] for a in data["annotations"]]
+    for i in range(len(masks)):
+        for j in range(i):
+            if not (crowd[i] or crowd[j]):
+                assert iou[i, j] < 0.5, (i, j, iou[i, j])
+    for t in ("segm", "bbox"):
+        assert _score(out, t)[0] == pytest.approx(1.0)
+    with pytest.raises(utils.ConfigError, match="dedup_rule"):
+        P.run(
+            _config(format="coco_lvis", input=coco, lvis_json=lvis, dedup_rule="nms"),
+            str(tmp_path / "w"),
+        )
+
+
 def test_coco_lvis_removes_duplicates_by_mask_iou(tmp_path):
     coco = _write(tmp_path / "instances_val2017.json", coco_instances())
     lvis = _write(tmp_path / "lvis_v1_val.json", lvis_val())
@@ -666,17 +743,62 @@ def test_polygon_with_fewer_than_3_points(tmp_path):
     src["annotations"][3]["segmentation"] = [[10.0, 10.0, 30.0, 30.0]]  # nothing left
     path = _write(tmp_path / "instances_val2017.json", src)
     out, data, s = _run(tmp_path, format="coco", input=path)
-    assert s["dropped"] == {P.POLYGON_PARTS_DROPPED: 1, "no polygon with 3 or more points": 1}
+    assert s["dropped"] == {P.POLYGON_PARTS_DROPPED: 1, P.NO_VALID_POLYGON: 1}
     assert s["instances"] == 3
     # the annotation that kept its other polygons has exactly their mask
     got = mask_utils.decode(data["annotations"][1]["segmentation"]).astype(bool)
     want = _mask_of_polys(coco_instances()["annotations"][1]["segmentation"], 40, 60)
     np.testing.assert_array_equal(got, want)
     assert _score(out, "segm")[0] == pytest.approx(1.0)
+    # strict stops at what normal mode skips whole (annotation 3, no polygon left), not at the
+    # dropped part of annotation 1
     with pytest.raises(utils.InputError) as e:
         P.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
     assert "\n" not in str(e.value)
-    assert str(e.value).startswith(f"{path}: annotations[1] (id 1002): polygon with fewer than 3")
+    assert str(e.value).startswith(f"{path}: annotations[3] (id 1004): {P.NO_VALID_POLYGON}")
+
+
+def test_strict_keeps_an_object_whose_short_part_normal_mode_drops(tmp_path):
+    """--config.strict=True gives the same file as normal mode when nothing is skipped whole;
+    the dropped parts are still counted."""
+    src = coco_instances()
+    src["annotations"][1]["segmentation"].append([30.0, 30.0, 31.0, 31.0])  # 2 points
+    path = _write(tmp_path / "instances_val2017.json", src)
+    _, normal, s = _run(tmp_path, format="coco", input=path)
+    _, strict, s_strict = _run(tmp_path, format="coco", input=path, strict=True)
+    assert strict["annotations"] == normal["annotations"] and s_strict["instances"] == 4
+    assert s_strict["dropped"] == {P.POLYGON_PARTS_DROPPED: 1}
+
+
+def test_polygon_part_with_an_odd_number_of_coordinates_is_dropped_alone(tmp_path):
+    """detectron2's and CutLER's `load_coco_json` keep, per object, the parts with
+    `len(poly) % 2 == 0 and len(poly) >= 6` and skip the object only when none is left."""
+    src = coco_instances()
+    src["annotations"][1]["segmentation"].append([30.0, 30.0, 31.0, 31.0, 32.0])  # odd
+    src["annotations"][3]["segmentation"] = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0]]
+    path = _write(tmp_path / "instances_val2017.json", src)
+    out, data, s = _run(tmp_path, format="coco", input=path)
+    # the reference rule, written out: which objects survive, with which parts
+    kept = []
+    for a in src["annotations"]:
+        seg = a["segmentation"]
+        if isinstance(seg, list):
+            seg = [p for p in seg if len(p) % 2 == 0 and len(p) >= 6]
+            if not seg:
+                continue
+        kept.append((a, seg))
+    assert [a["id"] for a, _ in kept] == [1001, 1002, 1003]
+    assert s["instances"] == len(kept) == 3
+    assert s["dropped"] == {P.POLYGON_PARTS_ODD: 1, P.NO_VALID_POLYGON: 1}
+    assert s["examples"][P.POLYGON_PARTS_ODD] == [f"{path}: annotations[1] (id 1002) (1)"]
+    for got, (a, seg) in zip(data["annotations"], kept):
+        if isinstance(seg, list):
+            np.testing.assert_array_equal(
+                mask_utils.decode(got["segmentation"]).astype(bool), _mask_of_polys(seg, 40, 60)
+            )
+    assert _score(out, "segm")[0] == pytest.approx(1.0)
+    with pytest.raises(utils.InputError, match=r"annotations\[3\] \(id 1004\)"):
+        P.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
 
 
 def test_rle_of_the_wrong_size(tmp_path):
