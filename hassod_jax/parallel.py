@@ -58,6 +58,10 @@ def shard_index(job_index=0, num_jobs=1):
     gets slice j * P + p of num_jobs * P.
     """
     if not 0 <= job_index < num_jobs:
-        raise ValueError(f"job_index must be in [0, num_jobs); got {job_index} of {num_jobs}")
+        from hassod_jax.utils import ConfigError
+
+        raise ConfigError(
+            f"--config.job_index must be in [0, --config.num_jobs); got {job_index} of {num_jobs}"
+        )
     p, n = jax.process_index(), jax.process_count()
     return job_index * n + p, num_jobs * n

@@ -11,7 +11,7 @@ import copy
 
 import numpy as np
 
-from hassod_jax.utils import read_json
+from hassod_jax.utils import InputError, read_json
 
 FG_CATEGORY = {"id": 1, "name": "fg", "supercategory": "fg"}
 
@@ -24,33 +24,33 @@ def _mask_utils():
 
 
 def validate_coco_dict(data, source="COCO data"):
-    """Checks the top-level structure of a COCO dict; raises ValueError naming `source`.
+    """Checks the top-level structure of a COCO dict; raises InputError (a ValueError) naming `source`.
 
     Requires a dict with an 'images' list of dicts that have 'id'. 'annotations' is required
     and must be a list (an image-list-only file may pass `annotations: []`).
     """
     if not isinstance(data, dict):
-        raise ValueError(
+        raise InputError(
             f"{source}: expected a JSON object at the top level, got {type(data).__name__}"
         )
     for key in ("images", "annotations"):
         if key not in data:
-            raise ValueError(
+            raise InputError(
                 f"{source}: missing the required key {key!r} (a COCO file has "
                 "'images' and 'annotations' lists)"
             )
         if not isinstance(data[key], list):
-            raise ValueError(f"{source}: {key!r} must be a list, got {type(data[key]).__name__}")
+            raise InputError(f"{source}: {key!r} must be a list, got {type(data[key]).__name__}")
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img:
-            raise ValueError(f"{source}: images[{i}] has no 'id'")
+            raise InputError(f"{source}: images[{i}] has no 'id'")
     ids = [img["id"] for img in data["images"]]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise ValueError(f"{source}: duplicate image ids, e.g. {dup}")
+        raise InputError(f"{source}: duplicate image ids, e.g. {dup}")
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann:
-            raise ValueError(f"{source}: annotations[{i}] has no 'image_id'")
+            raise InputError(f"{source}: annotations[{i}] has no 'image_id'")
     return data
 
 
@@ -85,7 +85,7 @@ def segmentation_to_rle(segm, h, w):
         return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if list(segm["size"]) != [h, w]:
-            raise ValueError(
+            raise InputError(
                 f"RLE size {list(segm['size'])} does not match the image size {[h, w]}"
             )
         counts = segm["counts"]
@@ -95,10 +95,10 @@ def segmentation_to_rle(segm, h, w):
             return {"size": [h, w], "counts": counts.encode("ascii")}
         if isinstance(counts, bytes):
             return {"size": [h, w], "counts": counts}
-        raise ValueError(
+        raise InputError(
             f"RLE counts must be str, bytes or a list of ints, got {type(counts).__name__}"
         )
-    raise ValueError(
+    raise InputError(
         "segmentation must be a polygon list or an RLE dict with 'size' and 'counts', "
         f"got {type(segm).__name__}"
     )
@@ -107,7 +107,7 @@ def segmentation_to_rle(segm, h, w):
 def annotation_to_mask(ann, h, w):
     """Decodes `ann['segmentation']` to a (h, w) bool mask (polygons and both RLE forms)."""
     if "segmentation" not in ann:
-        raise ValueError(f"annotation {ann.get('id', '?')} has no 'segmentation'")
+        raise InputError(f"annotation {ann.get('id', '?')} has no 'segmentation'")
     rle = segmentation_to_rle(ann["segmentation"], h, w)
     return _mask_utils().decode(rle).astype(bool)
 

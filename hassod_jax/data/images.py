@@ -218,7 +218,9 @@ def list_images(folder, coco_json=None):
         out = []
         for i, img in enumerate(data["images"]):
             if "file_name" not in img:
-                raise ValueError(f"COCO JSON file {coco_json}: images[{i}] has no 'file_name'")
+                from hassod_jax.utils import InputError
+
+                raise InputError(f"COCO JSON file {coco_json}: images[{i}] has no 'file_name'")
             out.append((img["id"], img["file_name"]))
         return out
     names = sorted(

@@ -111,28 +111,37 @@ class LoaderConfig:
     strong_views: bool = False
 
     def validate(self):
+        """ConfigError (a ValueError) naming the config field (config.data.X, or the batch
+        size) of the first invalid option."""
+        from hassod_jax.utils import ConfigError
+
+        def bad(field, text):
+            return ConfigError(f"--config.{field}: {text}")
+
         if self.global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+            raise ConfigError(f"the global batch size must be >= 1, got {self.global_batch_size}")
         if not self.short_edges or min(self.short_edges) < 1:
-            raise ValueError(f"short_edges must be positive sizes, got {self.short_edges}")
+            raise bad("data.short_edges", f"must be positive sizes, got {self.short_edges}")
         if not self.buckets:
-            raise ValueError("buckets must list at least one (height, width)")
+            raise bad("data.buckets", "must list at least one (height, width)")
         for b in self.buckets:
             if len(b) != 2 or any(int(v) % self.size_divisibility for v in b):
-                raise ValueError(
+                raise bad(
+                    "data.buckets",
                     f"bucket {tuple(b)} must be (height, width) multiples of "
-                    f"size_divisibility={self.size_divisibility}"
+                    f"size_divisibility={self.size_divisibility}",
                 )
         if self.pack_masks and any(int(b[1]) % 8 for b in self.buckets):
-            raise ValueError("pack_masks needs bucket widths that are multiples of 8")
+            raise bad("data.pack_masks", "needs bucket widths that are multiples of 8")
         if self.image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {self.image_dtype!r}")
         if self.max_instances < 1:
-            raise ValueError(f"max_instances must be >= 1, got {self.max_instances}")
+            raise bad("data.max_instances", f"must be >= 1, got {self.max_instances}")
         if not 0.0 < self.copy_paste_min_ratio <= self.copy_paste_max_ratio <= 1.0:
-            raise ValueError(
+            raise bad(
+                "data.copy_paste_min_ratio",
                 "need 0 < copy_paste_min_ratio <= copy_paste_max_ratio <= 1, got "
-                f"{self.copy_paste_min_ratio}, {self.copy_paste_max_ratio}"
+                f"{self.copy_paste_min_ratio}, {self.copy_paste_max_ratio}",
             )
         return self
 
@@ -159,6 +168,7 @@ class CocoRecords:
 
     def __init__(self, coco, image_dir, filter_empty=True):
         from hassod_jax.data.coco import load_coco_json, validate_coco_dict
+        from hassod_jax.utils import InputError
 
         if isinstance(coco, dict):
             data, self.source = validate_coco_dict(coco, "COCO data"), "COCO data"
@@ -171,12 +181,12 @@ class CocoRecords:
                 continue  # crowd regions are not training targets (detectron2's mapper)
             level = ann.get("hier_level", 0)
             if not isinstance(level, (int, np.integer)) or not 0 <= int(level) <= 2:
-                raise ValueError(
+                raise InputError(
                     f"{self.source}: annotation {ann.get('id', '?')} has hier_level "
                     f"{level!r}; expected an integer 0, 1 or 2"
                 )
             if "segmentation" not in ann:
-                raise ValueError(
+                raise InputError(
                     f"{self.source}: annotation {ann.get('id', '?')} has no "
                     "'segmentation' (masks are needed for training)"
                 )
@@ -195,7 +205,7 @@ class CocoRecords:
                 self.num_dropped += 1
                 continue
             if "file_name" not in img:
-                raise ValueError(f"{self.source}: images[{i}] (id {img['id']}) has no 'file_name'")
+                raise InputError(f"{self.source}: images[{i}] (id {img['id']}) has no 'file_name'")
             self.images.append(
                 {
                     "id": img["id"],
@@ -205,7 +215,7 @@ class CocoRecords:
             )
             self.annotations.append(anns)
         if not self.images:
-            raise ValueError(f"{self.source}: no image with a non-crowd annotation to train on")
+            raise InputError(f"{self.source}: no image with a non-crowd annotation to train on")
         self.image_ids = np.array([img["id"] for img in self.images], dtype=np.int64)
         self.sizes = np.array([self._size(img) for img in self.images], dtype=np.int64)
 
@@ -221,7 +231,9 @@ class CocoRecords:
             with Image.open(path) as im:
                 w, h = im.size
         except (OSError, ValueError) as e:
-            raise ValueError(
+            from hassod_jax.utils import InputError
+
+            raise InputError(
                 f"{self.source}: image {img['id']} states no height/width and "
                 f"{path} cannot be opened to read them ({e})"
             ) from None

@@ -149,6 +149,13 @@ def check_config(config):
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise utils.ConfigError(f"config.{name} must be a positive integer, got {value!r}")
+    coverage = config.coverage
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not (
+        0.0 < coverage <= 1.0
+    ):
+        raise utils.ConfigError(
+            f"--config.coverage must be a number in (0, 1] (the recipe's 0.9), got {coverage!r}"
+        )
 
 
 def resolve_crf_backend(name):
@@ -531,7 +538,7 @@ def _read_shards(out_dir):
         )
     counts = {int(os.path.basename(d).split("_of_")[1]) for d in shard_dirs}
     if len(counts) != 1:
-        raise ValueError(
+        raise utils.ConfigError(
             f"{out_dir}/work mixes shards of runs split {sorted(counts)} ways (other "
             "--config.num_jobs or process counts); use one sharding per --workdir"
         )
@@ -542,7 +549,7 @@ def _read_shards(out_dir):
         if not os.path.exists(os.path.join(_shard_dir(out_dir, s, total), "done.json"))
     ]
     if missing:
-        raise RuntimeError(
+        raise utils.InputError(
             f"Shards {missing} of {total} under {out_dir}/work are not finished; run (or resume) "
             "those jobs (--config.job_index of --config.num_jobs), then merge again"
         )

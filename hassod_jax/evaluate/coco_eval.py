@@ -97,7 +97,7 @@ def _area_of(ann, size):
         return float(mask_utils.area(segmentation_to_rle(ann["segmentation"], *size)))
     if "bbox" in ann:
         return float(ann["bbox"][2] * ann["bbox"][3])
-    raise ValueError(
+    raise utils.InputError(
         f"ground-truth annotation {ann.get('id', '?')} has no area, bbox or "
         "segmentation with a known image size"
     )
@@ -125,18 +125,20 @@ def _sorted_ids(ids):
 def _split_by_gt(predictions, gt_ids, restrict_to_gt, gt_source):
     """(kept predictions, left-out summary or None); refuses unknown images unless restricted."""
     if not isinstance(predictions, (list, tuple)):
-        raise ValueError(f"predictions must be a list of dicts, got {type(predictions).__name__}")
+        raise utils.InputError(
+            f"predictions must be a list of dicts, got {type(predictions).__name__}"
+        )
     for i, p in enumerate(predictions):
         if not isinstance(p, dict):
-            raise ValueError(f"prediction {i} must be a dict, got {type(p).__name__}")
+            raise utils.InputError(f"prediction {i} must be a dict, got {type(p).__name__}")
         if not isinstance(p.get("image_id"), (int, np.integer, str)):
-            raise ValueError(
+            raise utils.InputError(
                 f"prediction {i} needs an 'image_id' (an int or str), got {p.get('image_id')!r}"
             )
     kept = [p for p in predictions if p["image_id"] in gt_ids]
     unknown = _sorted_ids({p["image_id"] for p in predictions if p["image_id"] not in gt_ids})
     if unknown and not restrict_to_gt:
-        raise ValueError(
+        raise utils.InputError(
             f"{len(unknown)} prediction image id(s) are not in the ground truth ({gt_source}), "
             f"e.g. {unknown[:5]}; use the ground truth's image ids, or set restrict_to_gt=True "
             "(--config.restrict_to_gt=True) to score only the ground truth's images and leave "
@@ -152,36 +154,39 @@ def _split_by_gt(predictions, gt_ids, restrict_to_gt, gt_source):
 
 
 def _prepare_predictions(predictions, gt_data):
-    """Validates predictions; returns a list of dicts with compressed-RLE masks (bytes counts)."""
-    from hassod_jax.data.coco import image_sizes, segmentation_to_rle
+    """Validates predictions; returns a list of dicts with compressed-RLE masks (bytes counts).
+    A malformed prediction raises InputError naming it."""
+    from hassod_jax.data.coco import image_sizes
 
     sizes = image_sizes(gt_data)
     out = []
     for i, p in enumerate(predictions):
-        if "segmentation" not in p and "bbox" not in p:
-            raise ValueError(
-                f"prediction {i} (image {p['image_id']}) has neither 'segmentation' nor 'bbox'"
-            )
-        q = {"image_id": p["image_id"], "category_id": 1, "score": float(p.get("score", 1.0))}
-        if "hier_level" in p:
-            q["hier_level"] = int(p["hier_level"])
-        if "segmentation" in p:
-            if p["image_id"] not in sizes:
-                raise ValueError(
-                    f"ground-truth image {p['image_id']} has no height/width, "
-                    "needed to read mask predictions"
-                )
-            h, w = sizes[p["image_id"]]
-            try:
-                q["segmentation"] = segmentation_to_rle(p["segmentation"], h, w)
-            except ValueError as e:
-                raise ValueError(f"prediction {i} (image {p['image_id']}): {e}") from None
-        if "bbox" in p:
-            q["bbox"] = [float(v) for v in p["bbox"]]
-            if len(q["bbox"]) != 4:
-                raise ValueError(f"prediction {i}: bbox must be [x, y, w, h], got {p['bbox']}")
-        out.append(q)
+        try:
+            out.append(_prepare_prediction(p, sizes))
+        except (TypeError, ValueError) as e:
+            raise utils.InputError(f"prediction {i} (image {p['image_id']}): {e}") from None
     return out
+
+
+def _prepare_prediction(p, sizes):
+    from hassod_jax.data.coco import segmentation_to_rle
+
+    if "segmentation" not in p and "bbox" not in p:
+        raise ValueError("it has neither 'segmentation' nor 'bbox'")
+    q = {"image_id": p["image_id"], "category_id": 1, "score": float(p.get("score", 1.0))}
+    if "hier_level" in p:
+        q["hier_level"] = int(p["hier_level"])
+    if "segmentation" in p:
+        if p["image_id"] not in sizes:
+            raise ValueError(
+                "its ground-truth image has no height/width, needed to read mask predictions"
+            )
+        q["segmentation"] = segmentation_to_rle(p["segmentation"], *sizes[p["image_id"]])
+    if "bbox" in p:
+        q["bbox"] = [float(v) for v in p["bbox"]]
+        if len(q["bbox"]) != 4:
+            raise ValueError(f"bbox must be [x, y, w, h], got {p['bbox']}")
+    return q
 
 
 def parse_extras(max_dets=DEFAULT_MAX_DETS, extras=()):
@@ -352,7 +357,9 @@ def evaluate_coco(
     iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
     for t in iou_types:
         if t not in IOU_TYPES:
-            raise ValueError(f"iou_types must be among {IOU_TYPES}, got {t!r}")
+            raise utils.ConfigError(
+                f"--config.iou_types must be among {IOU_TYPES}, got {t!r}"
+            )
     extra_dets, levels = parse_extras(max_dets, extras)
     gt_data = _prepare_gt(gt_json_or_dict)
     gt_source = (
@@ -384,13 +391,13 @@ def _load_predictions(path):
     data = utils.read_json(path, what="predictions JSON file")
     if isinstance(data, dict):
         if "annotations" not in data:
-            raise ValueError(
+            raise utils.InputError(
                 f"predictions JSON file {path}: expected a list of results or a COCO "
                 "dict with 'annotations'"
             )
         data = data["annotations"]
     if not isinstance(data, list):
-        raise ValueError(
+        raise utils.InputError(
             f"predictions JSON file {path}: expected a list, got {type(data).__name__}"
         )
     return data
@@ -425,8 +432,10 @@ def run(config, workdir):
             extras=extras,
             restrict_to_gt=restrict,
         )
-    except ValueError as e:
-        raise ValueError(f"mode=evaluate, predictions {config.predictions_json}: {e}") from None
+    except utils.InputError as e:
+        raise utils.InputError(
+            f"mode=evaluate, predictions {config.predictions_json}: {e}"
+        ) from None
     metrics["gt_json"] = str(config.gt_json)
     metrics["predictions_json"] = str(config.predictions_json)
     utils.atomic_write_json(output, metrics, indent=1)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hassod_jax import defaults
+from hassod_jax import defaults, utils
 from hassod_jax.discovery import pipeline
 from tests.xla_env import cpu_env
 
@@ -188,7 +188,7 @@ def test_independent_jobs_merge_to_the_single_run(baseline, tmp_path):
 def test_merge_refuses_unfinished_shards(tmp_path):
     _write_images(tmp_path / "imgs", 3)
     pipeline.discover(_config(tmp_path / "imgs", job_index=1, num_jobs=2), str(tmp_path / "w"))
-    with pytest.raises(RuntimeError, match=r"Shards \[0\] of 2"):
+    with pytest.raises(utils.InputError, match=r"Shards \[0\] of 2"):
         pipeline.run_merge(_config(tmp_path / "imgs"), str(tmp_path / "w"))
 
 

@@ -85,7 +85,7 @@ def test_merge_refuses_mixed_shard_counts(images, tmp_path):
 
 def test_merge_refuses_missing_shards(images, tmp_path):
     _two_jobs(images, tmp_path / "w", n_jobs=(0,))
-    with pytest.raises(RuntimeError) as excinfo:
+    with pytest.raises(utils.InputError) as excinfo:  # a user error: one line, exit 2
         pipeline.run_merge(_config(images), str(tmp_path / "w"))
     _one_line(excinfo, "Shards [1] of 2", "not finished", "--config.job_index")
     # A finished shard whose chunk file went missing.
