@@ -31,7 +31,9 @@ def _user_error(fn, *args):
 def _gt(image_ids=(1,)):
     square = [[5.0, 5.0, 15.0, 5.0, 15.0, 15.0, 5.0, 15.0]]
     return {
-        "images": [{"id": i, "file_name": f"{i}.jpg", "height": 32, "width": 32} for i in image_ids],
+        "images": [
+            {"id": i, "file_name": f"{i}.jpg", "height": 32, "width": 32} for i in image_ids
+        ],
         "annotations": [
             {"id": i, "image_id": i, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100,
              "iscrowd": 0, "segmentation": square}

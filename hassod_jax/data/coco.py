@@ -24,7 +24,8 @@ def _mask_utils():
 
 
 def validate_coco_dict(data, source="COCO data"):
-    """Checks the top-level structure of a COCO dict; raises InputError (a ValueError) naming `source`.
+    """Checks the top-level structure of a COCO dict; raises InputError (a ValueError)
+    naming `source`.
 
     Requires a dict with an 'images' list of dicts that have 'id'. 'annotations' is required
     and must be a list (an image-list-only file may pass `annotations: []`).
