@@ -73,7 +73,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None,
                    help="plain step's batch (default label + unlabel)")
     p.add_argument("--steps", type=int, default=None, help="timed steps of each")
-    p.add_argument("--max-targets", type=int, default=100, help="teacher target slots/image")
+    p.add_argument("--max-targets", type=int, default=-1,
+                   help="teacher target slots per image (-1: one per detection, the recipe)")
     p.add_argument("--score-thresh", type=float, default=0.7)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)

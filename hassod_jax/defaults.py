@@ -222,7 +222,11 @@ def mean_teacher():
     c.ema_keep = 0.9996  # teacher <- keep * teacher + (1 - keep) * student, every step
     c.score_thresh = 0.7  # teacher detections with score > this become targets
     c.coverage = 0.75  # θ_cover of the level tree on the teacher's masks
-    c.max_targets = 100  # target slots per image (the highest-scoring kept detections)
+    # Target slots per image: -1 = one per teacher detection (model.detections_per_image), so
+    # every detection above score_thresh is a target, as in the original; a smaller cap saves
+    # memory and keeps the highest-scoring ones (the metrics teacher/dropped_per_image and
+    # teacher/capped_images count what it leaves out).
+    c.max_targets = -1
     # 'adaptive' (the recipe): w_sup = sup_weight * (1 + cos(pi t / T)) / 2 and
     # w_unsup = unsup_weight + 1 - w_sup; 'constant': w_sup = sup_weight, w_unsup = unsup_weight
     # at every step (the "+ Mean Teacher" ablation row, without adaptive targets).

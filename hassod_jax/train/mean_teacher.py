@@ -46,20 +46,38 @@ COVERAGE = 0.75
 
 
 def ema_update(teacher, student, step, keep: float = EMA_KEEP):
-    """teacher <- keep * teacher + (1 - keep) * student, leaf by leaf; at step 0 a copy
-    (the original's `_update_teacher_model(keep_rate=0.0)` at the burn-up step)."""
-    k = jnp.where(jnp.asarray(step) == 0, 0.0, keep).astype(jnp.float32)
-    return jax.tree_util.tree_map(
-        lambda t, s: (k * t.astype(jnp.float32) + (1.0 - k) * s.astype(jnp.float32)).astype(
-            t.dtype
-        ),
-        teacher,
-        student,
-    )
+    """teacher <- teacher * keep + student * (1 - keep), leaf by leaf; at step 0 a copy
+    (the original's `_update_teacher_model(keep_rate=0.0)` at the burn-up step).
+
+    Bit for bit the original's float32 tensors times Python floats: `keep` and `1 - keep` are
+    computed in float64 and each rounded once to float32 (0.99959999 and 3.9999999e-4 for
+    0.9996; the float32 difference 1 - float32(0.9996) would be 4.0000677e-4), and each
+    product is rounded to float32 before the sum. XLA's CPU and GPU code generators contract
+    a multiply feeding an add into one fused multiply-add (a different rounding in about a
+    quarter of the elements), so each product passes through an integer OR with a zero known
+    only at run time (from `step`), which no compiler can see through; it costs two integer
+    operations per element.
+    """
+    k = np.float32(keep)
+    rest = np.float32(1.0 - float(keep))
+    step = jnp.asarray(step)
+    zero = jnp.minimum(step, 0).astype(jnp.int32)  # 0, but only known at run time
+
+    def rounded(x):
+        bits = jax.lax.bitcast_convert_type(x, jnp.int32) | zero
+        return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+    def update(t, s):
+        t32, s32 = t.astype(jnp.float32), s.astype(jnp.float32)
+        ema = rounded(t32 * k) + rounded(s32 * rest)
+        return jnp.where(step == 0, s32, ema).astype(t.dtype)
+
+    return jax.tree_util.tree_map(update, teacher, student)
 
 
 def teacher_targets(
-    det, height: int, width: int, *, score_thresh=SCORE_THRESH, coverage=COVERAGE, max_targets=100
+    det, height: int, width: int, *, score_thresh=SCORE_THRESH, coverage=COVERAGE,
+    max_targets=-1,
 ):
     """Targets for the student from the teacher's detections of ONE image.
 
@@ -69,25 +87,31 @@ def teacher_targets(
       height, width: static size the masks are pasted at (the weak view's padded size).
       score_thresh: detections with score STRICTLY above it are kept (the original's `>`).
       coverage: θ_cover of the level tree.
-      max_targets: static number of target slots (the highest-scoring kept detections).
+      max_targets: static number of target slots, the highest-scoring kept detections; -1 (or
+        anything >= D) gives one slot per detection, so every kept detection is a target, as
+        in the original. A smaller cap saves memory and drops the lowest-scoring targets.
     Returns:
       {"boxes" (T, 4), "masks" (T, height, width) bool, "levels" (T,) int32, "valid" (T,),
-       "num_kept" () int32 (before the cap)}, T = max_targets.
+       "num_kept" () int32 (before the cap), "num_dropped" () int32 (by the cap)},
+      T = min(max_targets, D), or D.
     """
     keep = det["valid"] & (det["scores"] > score_thresh)
-    t = min(int(max_targets), keep.shape[0])
+    d = keep.shape[0]
+    t = d if max_targets is None or int(max_targets) < 0 else min(int(max_targets), d)
     order = jnp.argsort(jnp.logical_not(keep).astype(jnp.int32), stable=True)[:t]
     valid = keep[order]
     boxes = jnp.where(valid[:, None], det["boxes"][order], 0.0)
     masks = ops.paste_masks_in_image(det["masks"][order], boxes, height, width, 0.5)
     masks = masks & valid[:, None, None]
     levels, _ = hierarchy_levels_padded(masks, valid, coverage)
+    num_kept = jnp.sum(keep.astype(jnp.int32))
     return {
         "boxes": boxes,
         "masks": masks,
         "levels": jnp.where(valid, levels, 0).astype(jnp.int32),
         "valid": valid,
-        "num_kept": jnp.sum(keep.astype(jnp.int32)),
+        "num_kept": num_kept,
+        "num_dropped": num_kept - jnp.sum(valid.astype(jnp.int32)),
     }
 
 
@@ -141,7 +165,7 @@ def _gt(batch, width):
 
 
 def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
-                 score_thresh=SCORE_THRESH, coverage=COVERAGE, max_targets=100,
+                 score_thresh=SCORE_THRESH, coverage=COVERAGE, max_targets=-1,
                  sup_weight=1.0, unsup_weight=2.0, unsup=True, loss_weights="adaptive"):
     """(state, label_batch, unlabel_batch, rng) -> (state, metrics).
 
@@ -242,6 +266,11 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
                 jnp.mean(jnp.sum(tg["valid"], axis=1)) if use_unsup else zero),
             "teacher/kept_per_image": (
                 jnp.mean(tg["num_kept"].astype(jnp.float32)) if use_unsup else zero),
+            # Kept detections a `max_targets` cap left out (0 without a cap).
+            "teacher/dropped_per_image": (
+                jnp.mean(tg["num_dropped"].astype(jnp.float32)) if use_unsup else zero),
+            "teacher/capped_images": (
+                jnp.mean((tg["num_dropped"] > 0).astype(jnp.float32)) if use_unsup else zero),
         }
         new = MTState(
             step=t + 1, params=params, batch_stats=stats, opt_state=opt_state,
@@ -305,6 +334,50 @@ def _loader_config(config, batch_size, seed):
     )
 
 
+def jit_mt_step(config, model, tx, schedule, mesh):
+    """The Mean Teacher step as `train` runs it: config's recipe values, jitted over `mesh`
+    with both batches sharded along its `data` axis, the state and the rng replicated, the
+    state donated (experiments/aot.py compiles the same function for TPU topologies)."""
+    data = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        make_mt_step(
+            model, tx, schedule, total_steps=config.max_iter, ema_keep=config.ema_keep,
+            score_thresh=config.score_thresh, coverage=config.coverage,
+            max_targets=config.max_targets, sup_weight=config.sup_weight,
+            unsup_weight=config.unsup_weight, unsup=bool(config.get("unsup", True)),
+            loss_weights=config.get("loss_weights", "adaptive"),
+        ),
+        in_shardings=(replicated, data, data, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_streams(config, records, start=0):
+    """{"label": iterator[, "unlabel": iterator]} from step `start`.
+
+    "label" and "unlabel" read the same pseudo-label records (images without any dropped)
+    through two independent samplers (seeds `config.seed` and `config.seed + 1`), as the
+    original's two TrainingSamplers; the iterators are step-indexed, so resuming at `start`
+    continues both exactly. With the unlabeled branch left out (`unsup=False`) there is no
+    "unlabel" stream.
+    """
+    from hassod_jax.data import loader
+
+    streams = [("label", config.batch_size_label, config.seed)]
+    if config.get("unsup", True):
+        streams.append(("unlabel", config.batch_size_unlabel, config.seed + 1))
+    return {
+        name: loader.make_train_iterator(
+            records, _loader_config(config, bs, seed), num_steps=config.max_iter,
+            start_step=start, worker_count=config.data.workers,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        for name, bs, seed in streams
+    }
+
+
 class _TeacherView:
     """The teacher's variables where `supervised.evaluate_state` reads a state's."""
 
@@ -337,6 +410,11 @@ def train(config, workdir):
                 f"config.{name}={config.get(name)} must be a positive multiple of the {n_dev} "
                 "devices"
             )
+    if config.max_targets == 0 or config.max_targets < -1:
+        raise utils.ConfigError(
+            f"config.max_targets={config.max_targets} must be -1 (a slot per teacher detection) "
+            "or a positive number of target slots"
+        )
     data = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -352,34 +430,10 @@ def train(config, workdir):
         logging.info("Resuming at step %d", start)
     state = jax.device_put(state, replicated)
 
-    # "label" and "unlabel": the same pseudo-label file (images without any dropped), two
-    # independent samplers; the iterators are step-indexed, so resuming at `start` continues
-    # both exactly.
-    # With the unlabeled branch left out (`unsup=False`) the "unlabel" stream is not read.
     records = loader.open_records(train_json=config.train_json, images=config.images)
     use_unsup = bool(config.get("unsup", True))
-    streams = [("label", config.batch_size_label, config.seed)]
-    if use_unsup:
-        streams.append(("unlabel", config.batch_size_unlabel, config.seed + 1))
-    iters = {}
-    for name, bs, seed in streams:
-        iters[name] = loader.make_train_iterator(
-            records, _loader_config(config, bs, seed), num_steps=config.max_iter,
-            start_step=start, worker_count=config.data.workers,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )
-    step_fn = jax.jit(
-        make_mt_step(
-            model, tx, schedule, total_steps=config.max_iter, ema_keep=config.ema_keep,
-            score_thresh=config.score_thresh, coverage=config.coverage,
-            max_targets=config.max_targets, sup_weight=config.sup_weight,
-            unsup_weight=config.unsup_weight, unsup=use_unsup,
-            loss_weights=config.get("loss_weights", "adaptive"),
-        ),
-        in_shardings=(replicated, data, data, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-    )
+    iters = make_streams(config, records, start)
+    step_fn = jit_mt_step(config, model, tx, schedule, mesh)
     rng = jax.random.PRNGKey(config.seed)
     writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
     supervised.log_parameters(state.params)
