@@ -416,24 +416,36 @@ def _orbax_step_dir(path: str) -> str | None:
 
 
 def _read_orbax(step_dir: str) -> dict:
+    """The detector variables of one step of our training checkpoints.
+
+    The step is read as a whole, as `train/checkpoint.py` writes it (a composite of the 'state'
+    item, the train state, and the 'data' item, the iterator's JSON), so orbax finds its
+    `_CHECKPOINT_METADATA` in the step directory; reading the 'state' item's folder alone made
+    it warn, on every load, that the file does not exist there."""
     import orbax.checkpoint as ocp
 
     import jax
 
-    path = os.path.join(os.path.abspath(step_dir), "state")
+    path = os.path.abspath(step_dir)
+    handler = ocp.CompositeCheckpointHandler(
+        state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()
+    )
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.Checkpointer(handler) as ckptr:
             # Restored onto this process's first device whatever mesh saved it: a run trained
             # on 8 devices is read for prediction on 1 (orbax refuses a restore without a target
             # when the device topology differs from the saving one).
-            meta = ckptr.metadata(path).item_metadata
+            meta = ckptr.metadata(path).item_metadata["state"]
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree_util.tree_map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
                 if hasattr(m, "shape") else m,
                 getattr(meta, "tree", meta),
             )
-            state = ckptr.restore(path, target)
+            restored = ckptr.restore(
+                path, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )
+            state = restored["state"]
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a broken directory
         raise CheckpointError(f"{step_dir}: cannot read the orbax checkpoint ({e})") from None
     if not isinstance(state, dict) or "params" not in state:

@@ -1,0 +1,59 @@
+"""Our own fresh orbax checkpoints load without a warning: orbax logs nothing at warning level
+or above when a training checkpoint is resumed or read for prediction / Mean Teacher init
+(it used to warn `Metadata file does not exist: .../state/_CHECKPOINT_METADATA` on every
+read, which teaches users to ignore warnings)."""
+
+import logging
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from hassod_jax.train import checkpoint as ckpt_lib
+from hassod_jax.weights import detectron2 as W
+
+
+def _state():
+    return {
+        "params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,))},
+        "batch_stats": {"mean": jnp.full((3,), 0.5)},
+        "step": jnp.asarray(5, jnp.int32),
+    }
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_fresh_checkpoint_reads_without_warnings(tmp_path, caplog):
+    state = _state()
+    ck = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints")
+    ck.save(5, state, {"it": 1})
+    ck.close()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        for where in (tmp_path / "W", tmp_path / "W" / "checkpoints" / "5"):
+            variables = W._read_orbax(W._orbax_step_dir(str(where)))
+            np.testing.assert_array_equal(variables["params"]["w"], state["params"]["w"])
+            np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0.5)
+        resumed = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints")
+        got, data = resumed.restore(state)
+        resumed.close()
+    assert data == {"it": 1} and int(got["step"]) == 5
+    assert _warnings(caplog) == []
+    assert not any("_CHECKPOINT_METADATA" in r.getMessage() for r in caplog.records)
+
+
+def test_a_step_holding_only_the_state_item_reads_too(tmp_path, caplog):
+    """A step directory without the data iterator's item (the state alone) is read as well."""
+    import orbax.checkpoint as ocp
+
+    state = _state()
+    step = tmp_path / "checkpoints" / "3"
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        ck.save(str(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    assert os.path.isdir(step / "state")
+    with caplog.at_level(logging.DEBUG):
+        variables = W._read_orbax(W._orbax_step_dir(str(tmp_path)))
+    np.testing.assert_array_equal(variables["params"]["b"], 1.0)
+    assert _warnings(caplog) == []
