@@ -178,6 +178,165 @@ MUTANTS = [
          "test_small_detector_learns_generated_scenes_from_incomplete_labels",
          "tests/models/test_d2_train_step.py"),
     ),
+    # Mean Teacher and stage 2, each against an independent statement of the original
+    # (tests/train/test_mt_recipe.py, tests/train/test_schedules.py).
+    Mutant(
+        "mt_config_ema_keep",
+        "configs/mean_teacher_coco.py's EMA keep rate 0.999 instead of the original's 0.9996",
+        (Edit("hassod_jax/defaults.py", "c.ema_keep = 0.9996", "c.ema_keep = 0.999"),),
+        ("tests/train/test_mt_recipe.py::test_mean_teacher_config_is_the_originals",),
+    ),
+    Mutant(
+        "mt_config_targets_capped",
+        "the Mean Teacher config caps the teacher's targets at 100 per image",
+        (Edit("hassod_jax/defaults.py", "    c.max_targets = -1\n", "    c.max_targets = 100\n"),),
+        ("tests/train/test_mt_recipe.py::test_mean_teacher_config_is_the_originals",),
+    ),
+    Mutant(
+        "targets_capped_at_100",
+        "teacher_targets keeps at most 100 targets when no cap is asked for",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              "t = d if max_targets is None or int(max_targets) < 0 else",
+              "t = min(d, 100) if max_targets is None or int(max_targets) < 0 else"),),
+        ("tests/train/test_mt_recipe.py::"
+         "test_every_detection_above_the_threshold_is_a_target_by_default",),
+    ),
+    Mutant(
+        "ema_float32_one_minus_keep",
+        "the EMA's student weight computed as float32(1) - float32(keep)",
+        (Edit("hassod_jax/train/mean_teacher.py", "rest = np.float32(1.0 - float(keep))",
+              "rest = np.float32(1.0) - k"),),
+        ("tests/train/test_mt_recipe.py::"
+         "test_one_ema_step_is_the_originals_float32_arithmetic_bit_for_bit",),
+    ),
+    Mutant(
+        "ema_fused_multiply_add",
+        "the EMA written plainly, so XLA fuses a product into a multiply-add",
+        (Edit("hassod_jax/train/mean_teacher.py", "ema = rounded(t32 * k) + rounded(s32 * rest)",
+              "ema = t32 * k + s32 * rest"),),
+        ("tests/train/test_mt_recipe.py::"
+         "test_one_ema_step_is_the_originals_float32_arithmetic_bit_for_bit",),
+    ),
+    Mutant(
+        "ema_params_only",
+        "the EMA moves the parameters only; the teacher's statistics are the student's",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              '{"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}',
+              '{"params": state.teacher_params, "batch_stats": state.batch_stats}'),),
+        ("tests/train/test_mt_recipe.py::"
+         "test_teacher_ema_moves_parameters_and_batch_statistics",),
+    ),
+    Mutant(
+        "teacher_sees_strong_views",
+        "the teacher runs on the strong unlabel views",
+        (Edit("hassod_jax/train/mean_teacher.py", 'weak_u = _images(unlabel, "images")',
+              'weak_u = _images(unlabel, "images_strong")'),),
+        ("tests/train/test_mt_recipe.py::test_teacher_reads_the_weak_views_only",),
+    ),
+    Mutant(
+        "teacher_eval_mode",
+        "the teacher runs in eval mode (running statistics, the RPN's test top-k)",
+        (Edit("hassod_jax/train/mean_teacher.py", "teacher, weak_u, train=True, losses=False",
+              "teacher, weak_u, train=False, losses=False"),),
+        ("tests/train/test_mt_recipe.py::"
+         "test_teacher_is_training_bn_and_rpn_with_the_test_roi_path",),
+    ),
+    Mutant(
+        "teacher_rpn_test_topk",
+        "the RPN's top-k follows `losses` instead of `train` (the teacher gets the test top-k)",
+        (Edit("hassod_jax/models/detector.py",
+              "self._proposals(feats, image_sizes, train)\n        if proposals",
+              "self._proposals(feats, image_sizes, losses)\n        if proposals"),),
+        ("tests/train/test_mt_recipe.py::"
+         "test_teacher_is_training_bn_and_rpn_with_the_test_roi_path",),
+    ),
+    Mutant(
+        "teacher_levels_at_09",
+        "the teacher's levels recomputed at stage 1's coverage 0.9",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              "levels, _ = hierarchy_levels_padded(masks, valid, coverage)",
+              "levels, _ = hierarchy_levels_padded(masks, valid, 0.9)"),),
+        ("tests/train/test_mt_recipe.py::test_levels_are_recomputed_at_coverage_075",),
+    ),
+    Mutant(
+        "unsup_mask_loss_trained",
+        "the unlabeled branch's mask loss is trained (weighted w_unsup)",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              'v for k, v in unsup.items() if k != "mask"', "v for k, v in unsup.items()"),),
+        ("tests/train/test_mt_recipe.py::test_student_total_loss_and_batch_statistics",),
+    ),
+    Mutant(
+        "student_stats_skip_unlabel_forward",
+        "the student keeps the statistics of its supervised forward only",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              'return total, (sup, unsup, v2["batch_stats"])',
+              'return total, (sup, unsup, v1["batch_stats"])'),),
+        ("tests/train/test_mt_recipe.py::test_student_total_loss_and_batch_statistics",),
+    ),
+    Mutant(
+        "student_sup_weak_views_only",
+        "the supervised branch sees the weak label views twice instead of strong + weak",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              'jnp.concatenate([_images(label, "images_strong"), _images(label, "images")])',
+              'jnp.concatenate([_images(label, "images"), _images(label, "images")])'),),
+        ("tests/train/test_mt_recipe.py::test_student_total_loss_and_batch_statistics",),
+    ),
+    Mutant(
+        "streams_same_seed",
+        "the label and unlabel streams share one seed (the same batches)",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              '("unlabel", config.batch_size_unlabel, config.seed + 1)',
+              '("unlabel", config.batch_size_unlabel, config.seed)'),),
+        ("tests/train/test_mt_recipe.py::"
+         "test_streams_are_independent_and_each_resumes_exactly",),
+    ),
+    Mutant(
+        "strong_view_same_every_step",
+        "the strong view's random draws do not depend on the step",
+        (Edit("hassod_jax/data/loader.py",
+              "np.random.default_rng([cfg.seed, _STRONG_TAG, k, lo + i])",
+              "np.random.default_rng([cfg.seed, _STRONG_TAG, lo + i])"),),
+        ("tests/train/test_mt_recipe.py::test_strong_views_are_drawn_afresh_every_step",),
+    ),
+    Mutant(
+        "mt_sampler_key_fixed",
+        "Mean Teacher's samplers use the same key at every step",
+        (Edit("hassod_jax/train/mean_teacher.py", "key = jax.random.fold_in(rng, t)",
+              "key = rng"),),
+        ("tests/train/test_mt_recipe.py::test_sampler_randomness_changes_from_step_to_step",),
+    ),
+    Mutant(
+        "train_sampler_key_fixed",
+        "stage 2's samplers use the same key at every step",
+        (Edit("hassod_jax/train/supervised.py", "key = jax.random.fold_in(rng, state.step)",
+              "key = rng"),),
+        ("tests/train/test_mt_recipe.py::test_sampler_randomness_changes_from_step_to_step",),
+    ),
+    Mutant(
+        "test_resize_uncapped",
+        "test-time resizing ignores the long-side cap",
+        (Edit("hassod_jax/data/augment.py", "    if max(new_h, new_w) > max_size:",
+              "    if False and max(new_h, new_w) > max_size:"),),
+        ("tests/train/test_mt_recipe.py::test_test_time_resize_caps_the_long_side",),
+    ),
+    Mutant(
+        "cosine_in_float32",
+        "the cosine schedule evaluated in float32 (1 + cos cancels near the end)",
+        (Edit("hassod_jax/train/schedules.py",
+              "frac = np.clip(t / max(max_iter, 1), 0.0, 1.0)",
+              "frac = np.clip(t / max(max_iter, 1), 0.0, 1.0).astype(np.float32)\n"
+              "        return (end_lr + 0.5 * (base_lr - end_lr) * (np.float32(1.0) + "
+              "np.cos(np.float32(math.pi) * frac))).astype(np.float32)"),),
+        ("tests/train/test_schedules.py",),
+    ),
+    Mutant(
+        "loss_weights_in_float32",
+        "the adaptive loss weights evaluated in float32",
+        (Edit("hassod_jax/train/schedules.py",
+              "t = np.arange(int(total_steps) + 1, dtype=np.float64)",
+              "t = np.arange(int(total_steps) + 1, dtype=np.float32)"),),
+        ("tests/train/test_schedules.py",),
+    ),
 ]
 
 _IGNORE = shutil.ignore_patterns(
