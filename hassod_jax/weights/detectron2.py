@@ -415,8 +415,9 @@ def _orbax_step_dir(path: str) -> str | None:
     return None
 
 
-def _read_orbax(step_dir: str) -> dict:
-    """The detector variables of one step of our training checkpoints.
+def _read_orbax(step_dir: str, which: str = "student") -> dict:
+    """The detector variables of one step of our training checkpoints (a Mean Teacher run's
+    student, or with `which="teacher"` its EMA teacher).
 
     The step is read as a whole, as `train/checkpoint.py` writes it (a composite of the 'state'
     item, the train state, and the 'data' item, the iterator's JSON), so orbax finds its
@@ -450,6 +451,14 @@ def _read_orbax(step_dir: str) -> dict:
         raise CheckpointError(f"{step_dir}: cannot read the orbax checkpoint ({e})") from None
     if not isinstance(state, dict) or "params" not in state:
         raise CheckpointError(f"{step_dir}: the checkpoint holds no 'params'")
+    if which == "teacher":
+        if "teacher_params" not in state:
+            raise CheckpointError(
+                f"{step_dir}: holds no teacher (not a Mean Teacher run); load it without "
+                "which='teacher'"
+            )
+        return {"params": state["teacher_params"],
+                "batch_stats": state.get("teacher_batch_stats", {})}
     return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
 
 
@@ -460,7 +469,8 @@ def load_detector(path, *, which: str = "student", dtype: Any = None, **override
       path: a detectron2/HASSOD `.pth` or `.pkl` (torch is not needed), a training workdir of
         ours (its newest checkpoint), one orbax step directory, or an exported model
         directory (`python -m hassod_jax.weights.convert --detector ...`).
-      which: 'student' (default) or 'teacher', for Mean Teacher files holding both.
+      which: 'student' (default) or 'teacher', for Mean Teacher files holding both (a
+        detectron2 teacher-student .pth, or one of our Mean Teacher workdirs or steps).
       dtype: compute dtype of the module (default float32; parameters stay float32).
       overrides: DetectorConfig fields to change (e.g. detections_per_image); the widths
         always come from the checkpoint.
@@ -489,7 +499,7 @@ def load_detector(path, *, which: str = "student", dtype: Any = None, **override
                     f"{path}: neither an exported detector (arch.json) nor a training workdir "
                     "or orbax step directory (no checkpoints/<step>/state)"
                 )
-            variables = _read_orbax(step_dir)
+            variables = _read_orbax(step_dir, which)
             # Widths from the shapes, through the detectron2 names (one inference for all).
             config = _config_from_variables(variables, step_dir, overrides)
             sd = state_dict_from_detector_variables(variables, config)

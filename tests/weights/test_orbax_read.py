@@ -57,3 +57,25 @@ def test_a_step_holding_only_the_state_item_reads_too(tmp_path, caplog):
         variables = W._read_orbax(W._orbax_step_dir(str(tmp_path)))
     np.testing.assert_array_equal(variables["params"]["b"], 1.0)
     assert _warnings(caplog) == []
+
+
+def test_which_teacher_reads_a_mean_teacher_runs_ema_teacher(tmp_path):
+    """A Mean Teacher state holds the student (params) and the teacher (teacher_params): the
+    default reads the student, which='teacher' the teacher; a plain run has no teacher."""
+    import pytest
+
+    state = {**_state(), "teacher_params": {"w": jnp.full((2, 3), 7.0), "b": jnp.zeros((3,))},
+             "teacher_batch_stats": {"mean": jnp.full((3,), 0.25)}}
+    ck = ckpt_lib.Checkpointer(tmp_path / "MT" / "checkpoints")
+    ck.save(2, state, {})
+    ck.close()
+    step = W._orbax_step_dir(str(tmp_path / "MT"))
+    student, teacher = W._read_orbax(step), W._read_orbax(step, "teacher")
+    np.testing.assert_array_equal(student["params"]["w"], state["params"]["w"])
+    np.testing.assert_array_equal(teacher["params"]["w"], 7.0)
+    np.testing.assert_array_equal(teacher["batch_stats"]["mean"], 0.25)
+    plain = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints")
+    plain.save(1, _state(), {})
+    plain.close()
+    with pytest.raises(W.CheckpointError, match="holds no teacher"):
+        W._read_orbax(W._orbax_step_dir(str(tmp_path / "W")), "teacher")
