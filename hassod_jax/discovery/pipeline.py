@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import time
+import types
 
 import numpy as np
 from absl import logging
@@ -50,7 +51,10 @@ _RESULT_FIELDS = (
     "chunk_size",
     "coco_json",
     "max_images",
+    "refine",
 )
+# Result fields added after runs were recorded: a record without one held this value.
+_RECORDED_DEFAULTS = {"refine": True}
 
 
 def threshold_name(theta):
@@ -78,6 +82,13 @@ class FeatureExtractor:
             module, params = vit.load_dino_vit(path, dtype=dtype)
             self.patch = module.patch_size
             self._features = vit.make_feature_fn(module, params, kind=config.feature_kind)
+            import jax
+
+            # On a host (CPU) backend the ViT sees one image per device at a time: its
+            # activations (each layer's attention maps, heads x (1 + h*w)^2 floats, 0.3 GB for
+            # ViT-S/8 at 480 px) then take a few images' memory, not the batch's (8 images took
+            # 11 GB), and no padding is computed. Accelerators keep whole batches.
+            self.group = jax.local_device_count() if jax.default_backend() == "cpu" else 0
             self.description = f"DINO ViT from {path} ({config.feature_kind}, {config.dtype})"
         else:
             self.patch = 8
@@ -89,7 +100,13 @@ class FeatureExtractor:
     def __call__(self, normalized, uint8_images):
         """normalized: (B,S,S,3) float32; uint8_images: (B,S,S,3) uint8 -> (B,h,w,D) float32."""
         if self.kind == "dino":
-            return np.asarray(self._features(normalized), dtype=np.float32)
+            g = self.group or len(normalized)
+            return np.concatenate(
+                [
+                    np.asarray(self._features(normalized[i : i + g]), dtype=np.float32)
+                    for i in range(0, len(normalized), g)
+                ]
+            )
         from hassod_jax.discovery import standin
 
         size = uint8_images.shape[1]
@@ -216,37 +233,47 @@ def _pydensecrf_fn(crf_kwargs):
     return lambda image, probs: fn(image, probs, **crf_kwargs)
 
 
-def postprocess_image(job):
-    """Refines every threshold's regions of one image, pools them and assigns levels.
+def _raw_regions(image, probs):
+    """The crf_fn of `refine=False`: the regions' own upsampled masks stand for the CRF's."""
+    return probs
 
-    job: dict with uint8 (S,S,3), height, width, partitions (list over thresholds of (R,h,w)
-    bool), and either qs (list over thresholds of (R,S,S) CRF marginals) or crf_kwargs.
-    Returns {'per_threshold': [[ann...] per threshold], 'ensemble': [ann...], 'seconds': s}.
+
+def refine_job(job):
+    """One (image, threshold): its HAC regions refined into COCO masks (`refine_regions`).
+
+    job: dict with uint8 (S,S,3), height, width, regions (R,h,w) bool, min_area, refine, and
+    either q ((R,S,S) CRF marginals computed on the device) or crf_kwargs (pydensecrf here).
+    With refine False no CRF runs: each region's bilinear upsampling stands for its CRF
+    marginal, so the IoU filter keeps every non-empty region and the masks are the raw HAC
+    regions at the original size (area, corner and hole rules applied as to refined masks).
+    Returns the list of annotations (segmentation, area, bbox).
+    """
+    from hassod_jax.discovery import refine
+
+    if not job["refine"]:
+        crf_fn = _raw_regions
+    elif job.get("q") is not None:
+        crf_fn = _FixedQ(job["q"])
+    else:
+        crf_fn = _pydensecrf_fn(job["crf_kwargs"])
+    return refine.refine_regions(
+        job["uint8"], job["regions"], (job["height"], job["width"]), crf_fn,
+        min_area=job["min_area"],
+    )  # fmt: skip
+
+
+def levels_job(job):
+    """One image: the hierarchy levels of each threshold's masks and of their pool.
+
+    job: dict with height, width, coverage and per_threshold (list over thresholds of the
+    annotations `refine_job` made). Returns {'per_threshold': [[ann...] per threshold],
+    'ensemble': [ann...]}, every annotation with its hier_level.
     """
     from pycocotools import mask as mask_utils
 
-    from hassod_jax.discovery import hierarchy, refine
+    from hassod_jax.discovery import hierarchy
 
-    t0 = time.perf_counter()
-    per_threshold = []
-    for t, regions in enumerate(job["partitions"]):
-        if job.get("qs") is not None:
-            crf_fn = _FixedQ(job["qs"][t])
-        else:
-            crf_fn = _pydensecrf_fn(job["crf_kwargs"])
-        anns = refine.refine_regions(
-            job["uint8"],
-            regions,
-            (job["height"], job["width"]),
-            crf_fn,
-            min_area=job["min_area"],
-        )
-        per_threshold.append(anns)
-
-    def decode(anns):
-        if not anns:
-            return np.zeros((0, job["height"], job["width"]), bool)
-        return mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
+    per_threshold = job["per_threshold"]
 
     def with_levels(anns, masks):
         if not anns:
@@ -254,17 +281,20 @@ def postprocess_image(job):
         levels, _ = hierarchy.hierarchy_levels(masks, coverage=job["coverage"])
         return [dict(a, hier_level=int(lv)) for a, lv in zip(anns, levels)]
 
-    # Each threshold's masks are decoded once and serve its own tree and the ensemble's.
-    masks = [decode(anns) for anns in per_threshold]
-    ensemble = with_levels(
-        [a for anns in per_threshold for a in anns], np.concatenate(masks, axis=0)
-    )
-    per_threshold = [with_levels(anns, m) for anns, m in zip(per_threshold, masks)]
-    return {
-        "per_threshold": per_threshold,
-        "ensemble": ensemble,
-        "seconds": time.perf_counter() - t0,
-    }
+    # Every mask is decoded once, into one C-ordered bool array at the original size that
+    # serves the ensemble's tree and, as slices, each threshold's: no second copy of the
+    # pool (a 12-megapixel photo's 100 masks are 1.2 GB).
+    pooled = [a for anns in per_threshold for a in anns]
+    masks = np.empty((len(pooled), job["height"], job["width"]), bool)
+    for i in range(0, len(pooled), 8):  # decoded 8 at a time (pycocotools gives uint8)
+        rles = [a["segmentation"] for a in pooled[i : i + 8]]
+        masks[i : i + len(rles)] = mask_utils.decode(rles).transpose(2, 0, 1)
+    ensemble = with_levels(pooled, masks)
+    bounds = np.cumsum([0] + [len(anns) for anns in per_threshold])
+    per_threshold = [
+        with_levels(anns, masks[a:b]) for anns, a, b in zip(per_threshold, bounds, bounds[1:])
+    ]
+    return {"per_threshold": per_threshold, "ensemble": ensemble}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +333,10 @@ def _shard_dir(out_dir, shard, num_shards):
 
 
 def _settings_snapshot(config):
-    return {k: _jsonable(config[k]) for k in _RESULT_FIELDS if k in config}
+    snapshot = {k: _jsonable(config[k]) for k in _RESULT_FIELDS if k in config}
+    for k, v in _RECORDED_DEFAULTS.items():  # a config without the field means its default
+        snapshot.setdefault(k, v)
+    return snapshot
 
 
 def _check_resume_config(out_dir, config):
@@ -312,7 +345,11 @@ def _check_resume_config(out_dir, config):
     path = os.path.join(out_dir, "work", "config.json")
     if os.path.exists(path):
         previous = utils.read_json(path, "resume record")
-        changed = {k: (previous.get(k), v) for k, v in snapshot.items() if previous.get(k) != v}
+        changed = {
+            k: (previous.get(k, _RECORDED_DEFAULTS.get(k)), v)
+            for k, v in snapshot.items()
+            if previous.get(k, _RECORDED_DEFAULTS.get(k)) != v
+        }
         if changed:
             lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise utils.ConfigError(
@@ -361,23 +398,34 @@ def process_shard(config, out_dir, items, shard, num_shards):
         backend = resolve_crf_backend(config.crf_backend)
         logging.info("CRF backend: %s", backend)
         crf_kwargs = dict(config.crf.to_dict())
-        progress = utils.Progress(
-            sum(len(chunks[k]) for k in pending), name="images", every_s=config.log_every_s
+        n_images = sum(len(chunks[k]) for k in pending)
+        progress = utils.Progress(n_images, name="images", every_s=config.log_every_s)
+        # One refinement (a dense CRF at image_size and the steps after it) per image and
+        # threshold: a line per threshold and chunk, with the run's ETA.
+        refinements = utils.Progress(
+            n_images * len(thresholds), name="refinements", every_s=float("inf")
+        )
+        logging.info(
+            "%d images x %d thresholds = %d refinements%s",
+            n_images,
+            len(thresholds),
+            n_images * len(thresholds),
+            "" if config.get("refine", True) else " (refine=False: raw HAC masks, no CRF)",
         )
         pool = _pool(config.num_workers)
         try:
-            for k in pending:
-                record = _process_chunk(
-                    config,
-                    items,
-                    chunks[k],
-                    extractor,
-                    backend,
-                    crf_kwargs,
-                    thresholds,
-                    pool,
-                    progress,
-                )
+            run = types.SimpleNamespace(
+                extractor=extractor,
+                backend=backend,
+                crf_kwargs=crf_kwargs,
+                thresholds=thresholds,
+                pool=pool,
+                progress=progress,
+                refinements=refinements,
+            )
+            for n, k in enumerate(pending):
+                where = f"chunk {n + 1}/{len(pending)}, " if len(pending) > 1 else ""
+                record = _process_chunk(config, items, chunks[k], run, where)
                 # The settings are locked just before the first commit (not after it: a kill
                 # in between would leave work that a rerun with other settings could mix in).
                 _lock_settings(out_dir, config)
@@ -399,14 +447,16 @@ def process_shard(config, out_dir, items, shard, num_shards):
     return timing
 
 
-def _process_chunk(
-    config, items, chunk, extractor, backend, crf_kwargs, thresholds, pool, progress
-):
-    """Decodes, extracts, merges and refines one chunk; returns its JSON record."""
+def _process_chunk(config, items, chunk, run, where=""):
+    """Decodes, extracts, merges and refines one chunk; returns its JSON record. `run` holds
+    what the chunks share: extractor, backend, crf_kwargs, thresholds, pool, progress (images)
+    and refinements (images x thresholds); `where` prefixes the per-threshold log lines."""
     import jax
 
     from hassod_jax.discovery import hac
 
+    extractor, backend, crf_kwargs = run.extractor, run.backend, run.crf_kwargs
+    thresholds, pool, progress = run.thresholds, run.pool, run.progress
     size = config.image_size
     t0 = time.perf_counter()
     decode_args = [
@@ -420,49 +470,82 @@ def _process_chunk(
         logging.warning("Skipping image: %s", s["reason"])
     good = [d for d in decoded if "reason" not in d]
 
-    # Features and the merge sequence, a fixed device batch at a time (the last one padded so
-    # every call has the same shape and compiles once).
+    # Features and the merge sequence, a fixed device batch at a time. On accelerators the last
+    # batch is padded so that every call has the same shape and compiles once; on CPU the ViT
+    # runs per device group and HAC image by image (host loop), so padding would be pure waste.
     partitions, bs = [], config.batch_size
+    host = jax.default_backend() == "cpu"
     for b in range(0, len(good), bs):
         batch = good[b : b + bs]
-        pad = bs - len(batch)
+        pad = 0 if host else bs - len(batch)
         norm = np.stack([d["normalized"] for d in batch] + [batch[-1]["normalized"]] * pad)
         u8 = np.stack([d["uint8"] for d in batch] + [batch[-1]["uint8"]] * pad)
         t1 = time.perf_counter()
         feats = extractor(norm, u8)
         t2 = time.perf_counter()
-        if jax.default_backend() == "cpu":
-            # On CPU HAC runs image by image (host loop), so the padding would be pure waste;
-            # on accelerators the padded batch keeps one compiled shape.
-            feats = feats[: len(batch)]
         parts = hac.hac_partitions(feats, thresholds)[: len(batch)]
         t3 = time.perf_counter()
         progress.add_time("features", t2 - t1)
         progress.add_time("hac", t3 - t2)
         partitions.extend(parts)
 
-    qs = [None] * len(good)
-    if backend == "jax":
+    refine_on = bool(config.get("refine", True))
+    qs = [[None] * len(thresholds) for _ in good]
+    if backend == "jax" and refine_on:
         t1 = time.perf_counter()
         qs = jax_crf_all([d["uint8"] for d in good], partitions, crf_kwargs, size, bs)
         progress.add_time("crf", time.perf_counter() - t1)
-    jobs = [
-        {
-            "uint8": d["uint8"],
-            "height": d["height"],
-            "width": d["width"],
-            "partitions": parts,
-            "qs": q,
-            "coverage": config.coverage,
-            "min_area": config.min_area,
-            "crf_kwargs": crf_kwargs,
-        }
-        for d, parts, q in zip(good, partitions, qs)
-    ]
+
+    # Refinement, threshold by threshold (each (image, threshold) is one job), so that the log
+    # says when each threshold is done; then the levels, image by image.
+    def refine_jobs():
+        for t in range(len(thresholds)):
+            for i, d in enumerate(good):
+                yield {
+                    "uint8": d["uint8"],
+                    "height": d["height"],
+                    "width": d["width"],
+                    "regions": partitions[i][t],
+                    "q": qs[i][t],
+                    "refine": refine_on,
+                    "min_area": config.min_area,
+                    "crf_kwargs": crf_kwargs,
+                }
 
     t1 = time.perf_counter()
+    refined = _imap(pool, refine_job, refine_jobs())
+    anns = [[None] * len(thresholds) for _ in good]
+    for t, theta in enumerate(thresholds):
+        if not good:
+            break
+        for i in range(len(good)):
+            anns[i][t] = next(refined)
+        run.refinements.update(len(good))
+        logging.info(
+            "%sθ=%s (%d/%d)%s: %d images, %.1f masks per image | %s",
+            where,
+            threshold_name(theta),
+            t + 1,
+            len(thresholds),
+            "" if refine_on else " raw",
+            len(good),
+            sum(len(a[t]) for a in anns) / len(good),
+            run.refinements.summary(),
+        )
+    progress.add_time("refine", time.perf_counter() - t1)
+
+    t1 = time.perf_counter()
+    level_jobs = (
+        {
+            "height": d["height"],
+            "width": d["width"],
+            "coverage": config.coverage,
+            "per_threshold": per_t,
+        }
+        for d, per_t in zip(good, anns)
+    )
     images, per_image = [], []
-    for d, parts, result in zip(good, partitions, _imap(pool, postprocess_image, jobs)):
+    for d, parts, result in zip(good, partitions, _imap(pool, levels_job, level_jobs)):
         index = d["index"]
         image_id, file_name = items[index]
         images.append(
@@ -482,7 +565,7 @@ def _process_chunk(
             }
         )
         progress.update(1)
-    progress.add_time("refine", time.perf_counter() - t1)
+    progress.add_time("levels", time.perf_counter() - t1)
     for s in skipped:
         s["file_name"] = items[s["index"]][1]
         s["image_id"] = items[s["index"]][0]

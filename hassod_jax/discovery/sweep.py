@@ -96,7 +96,11 @@ def write_report(config, workdir, rows, thresholds):
     config used by configs/merge_pseudo_labels.py has none).
     """
     thresholds = [float(t) for t in thresholds]
-    report = {"thresholds": thresholds, "images": len(rows)}
+    report = {
+        "thresholds": thresholds,
+        "images": len(rows),
+        "refine": bool(config.get("refine", True)),
+    }
     report["statistics"] = threshold_statistics(rows, thresholds)
     gt_json = config.get("gt_json", "")
     if gt_json:
