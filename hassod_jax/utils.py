@@ -1,6 +1,7 @@
 """Small shared utilities: user errors, required config fields, atomic writes, metric writing,
 progress."""
 
+import contextlib
 import json
 import os
 import tempfile
@@ -43,19 +44,19 @@ def current_umask():
     return mask
 
 
-def atomic_write_bytes(path, data):
-    """Writes `data` to `path` through a temporary file in the same folder and a rename.
-
-    The file gets the permissions a plain `open(path, "w")` would give it (0o666 less the
-    umask), not the 0o600 of the temporary file.
-    """
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file to write `path` through: a temporary file in the same folder, renamed to
+    `path` when the block ends normally and removed when it raises, so `path` is either the old
+    file or the whole new one. The file gets the permissions a plain `open(path, "w")` would
+    give it (0o666 less the umask), not the 0o600 of the temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~current_umask())
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,6 +64,12 @@ def atomic_write_bytes(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path, data):
+    """Writes `data` to `path` atomically (`atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path, obj, indent=None):

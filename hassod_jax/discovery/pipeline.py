@@ -18,10 +18,15 @@ Outputs (W = workdir):
     W/pseudo_labels/skipped.json           images that could not be used, with the reason
 """
 
+import contextlib
 import glob
+import heapq
+import itertools
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 import types
 
@@ -613,7 +618,9 @@ def jax_crf_all(images_u8, partitions, crf_kwargs, size, batch_size):
 # Assembly of the final files
 
 
-def _read_shards(out_dir):
+def _shard_chunks(out_dir):
+    """The chunk files of every shard under `out_dir/work`, [shard][chunk] in order, after
+    checking that the shards are of one sharding and all finished."""
     shard_dirs = sorted(glob.glob(os.path.join(out_dir, "work", "shard_*_of_*")))
     if not shard_dirs:
         raise FileNotFoundError(
@@ -636,66 +643,112 @@ def _read_shards(out_dir):
             f"Shards {missing} of {total} under {out_dir}/work are not finished; run (or resume) "
             "those jobs (--config.job_index of --config.num_jobs), then merge again"
         )
-    records = []
+    shards = []
     for s in range(total):
         d = _shard_dir(out_dir, s, total)
         n = utils.read_json(os.path.join(d, "done.json"), "shard record")["num_chunks"]
-        for k in range(n):
-            records.append(utils.read_json(os.path.join(d, f"chunk_{k:06d}.json"), "chunk file"))
-    return records
+        paths = [os.path.join(d, f"chunk_{k:06d}.json") for k in range(n)]
+        for path in paths:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"chunk file not found: {path}")
+        shards.append(paths)
+    return shards
+
+
+def _merged_entries(shards):
+    """(index, image, result) for every image and (index, skipped record, None) for every
+    skipped one, in global image order: each shard's chunks hold ascending indices, so the
+    shards are merged reading one chunk file per shard at a time."""
+
+    def stream(paths):
+        for path in paths:
+            rec = utils.read_json(path, "chunk file")
+            entries = [(im["index"], im, res) for im, res in zip(rec["images"], rec["results"])]
+            entries += [(sk["index"], sk, None) for sk in rec["skipped"]]
+            yield from sorted(entries, key=lambda e: e[0])
+
+    return heapq.merge(*(stream(paths) for paths in shards), key=lambda e: e[0])
+
+
+class Rows:
+    """The assembled (image, result) pairs in global image order, read from the chunk files on
+    every pass rather than held: memory stays that of one chunk per shard however many images
+    the run has. Iterable (again and again), `len()`, and prefix slices `rows[:n]` (a list)."""
+
+    def __init__(self, shards, count):
+        self._shards, self._count = shards, count
+
+    def __len__(self):
+        return self._count
+
+    def __iter__(self):
+        for _, im, res in _merged_entries(self._shards):
+            if res is not None:
+                yield im, res
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and not key.start and key.step in (None, 1):
+            return list(itertools.islice(self, key.stop))
+        raise TypeError("Rows supports iteration, len() and prefix slices [:n] only")
+
+
+def _annotation(ann_id, image_id, a):
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "iscrowd": 0,
+        "segmentation": a["segmentation"],
+        "area": a["area"],
+        "bbox": a["bbox"],
+        "hier_level": a["hier_level"],
+    }
 
 
 def assemble(out_dir, thresholds):
     """Writes the per-threshold files, the ensemble and skipped.json from all chunk files.
 
     Images are ordered by their index in the global image list and annotation ids run from 1
-    in that order, so the result does not depend on sharding or on resumption.
+    in that order, so the result does not depend on sharding or on resumption. The files are
+    written in one streaming pass (each file's annotations go to a temporary file first, as
+    the images list comes before them), so memory does not grow with the number of images
+    beyond the images list itself. Returns the counts and `rows`, a `Rows` over the result.
     """
-    records = _read_shards(out_dir)
-    rows, skipped = [], []
-    for rec in records:
-        rows.extend(zip(rec["images"], rec["results"]))
-        skipped.extend(rec["skipped"])
-    rows.sort(key=lambda r: r[0]["index"])
-    skipped.sort(key=lambda s: s["index"])
-    images = [{k: v for k, v in im.items() if k != "index"} for im, _ in rows]
-
-    def write(path, pick):
-        anns, next_id = [], 1
-        for im, res in rows:
-            for a in pick(res):
-                anns.append(
-                    {
-                        "id": next_id,
-                        "image_id": im["id"],
-                        "category_id": 1,
-                        "iscrowd": 0,
-                        "segmentation": a["segmentation"],
-                        "area": a["area"],
-                        "bbox": a["bbox"],
-                        "hier_level": a["hier_level"],
-                    }
-                )
-                next_id += 1
-        coco = {"images": images, "annotations": anns, "categories": CATEGORIES}
-        utils.atomic_write_bytes(path, json.dumps(coco).encode("utf-8"))
-        return len(anns)
-
-    counts = {}
-    for t, theta in enumerate(thresholds):
-        name = f"thresh_{threshold_name(theta)}.json"
-        counts[name] = write(os.path.join(out_dir, name), lambda res, t=t: res["per_threshold"][t])
-    counts[ENSEMBLE_FILE] = write(os.path.join(out_dir, ENSEMBLE_FILE), lambda res: res["ensemble"])
-    skipped_rows = [{k: v for k, v in s.items() if k != "index"} for s in skipped]
+    shards = _shard_chunks(out_dir)
+    names = [f"thresh_{threshold_name(theta)}.json" for theta in thresholds] + [ENSEMBLE_FILE]
+    picks = [lambda res, t=t: res["per_threshold"][t] for t in range(len(thresholds))]
+    picks.append(lambda res: res["ensemble"])
+    images, skipped_rows, counts = [], [], [0] * len(names)
+    with contextlib.ExitStack() as stack:
+        parts = [stack.enter_context(tempfile.TemporaryFile(dir=out_dir)) for _ in names]
+        for _, im, res in _merged_entries(shards):
+            if res is None:
+                skipped_rows.append({k: v for k, v in im.items() if k != "index"})
+                continue
+            images.append({k: v for k, v in im.items() if k != "index"})
+            for k, (part, pick) in enumerate(zip(parts, picks)):
+                for a in pick(res):
+                    counts[k] += 1
+                    text = json.dumps(_annotation(counts[k], im["id"], a))
+                    part.write(((", " if counts[k] > 1 else "") + text).encode("utf-8"))
+        # The bytes json.dumps gives the whole {"images", "annotations", "categories"} dict.
+        head = ('{"images": ' + json.dumps(images) + ', "annotations": [').encode("utf-8")
+        tail = ('], "categories": ' + json.dumps(CATEGORIES) + "}").encode("utf-8")
+        for name, part in zip(names, parts):
+            part.seek(0)
+            with utils.atomic_open(os.path.join(out_dir, name)) as f:
+                f.write(head)
+                shutil.copyfileobj(part, f)
+                f.write(tail)
     utils.atomic_write_json(os.path.join(out_dir, SKIPPED_FILE), skipped_rows, indent=1)
-    for name, n in counts.items():
+    for name, n in zip(names, counts):
         logging.info("%s: %d annotations on %d images", name, n, len(images))
     logging.info("%d images skipped (listed in %s)", len(skipped_rows), SKIPPED_FILE)
     return {
         "images": len(images),
         "skipped": len(skipped_rows),
-        "annotations": counts,
-        "rows": rows,
+        "annotations": dict(zip(names, counts)),
+        "rows": Rows(shards, len(images)),
     }
 
 

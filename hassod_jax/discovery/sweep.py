@@ -43,17 +43,23 @@ def _predictions(rows, pick, image_ids=None):
 
 
 def threshold_statistics(rows, thresholds):
-    """Mean HAC regions and kept masks per image for each threshold."""
-    n = max(len(rows), 1)
-    stats = {}
-    for t, theta in enumerate(thresholds):
-        regions = sum(res["regions"][t] for _, res in rows)
-        kept = sum(len(res["per_threshold"][t]) for _, res in rows)
-        stats[pipeline.threshold_name(theta)] = {
-            "regions_per_image": regions / n,
-            "masks_per_image": kept / n,
+    """Mean HAC regions and kept masks per image for each threshold (one pass over `rows`)."""
+    regions, kept = np.zeros(len(thresholds)), np.zeros(len(thresholds))
+    ensemble, n = 0, 0
+    for _, res in rows:
+        n += 1
+        regions += res["regions"]
+        kept += [len(anns) for anns in res["per_threshold"]]
+        ensemble += len(res["ensemble"])
+    n = max(n, 1)
+    stats = {
+        pipeline.threshold_name(theta): {
+            "regions_per_image": float(regions[t]) / n,
+            "masks_per_image": float(kept[t]) / n,
         }
-    stats["ensemble"] = {"masks_per_image": sum(len(res["ensemble"]) for _, res in rows) / n}
+        for t, theta in enumerate(thresholds)
+    }
+    stats["ensemble"] = {"masks_per_image": ensemble / n}
     return stats
 
 

@@ -1,13 +1,18 @@
 """Stage 1's host memory is bounded by what one image needs, not by the batch or the number of
 masks: the ViT on CPU sees one device group of images per call and no padding, refinement
-holds one mask at the original size at a time, and the levels decode an image's pool once.
+holds one mask at the original size at a time, the levels decode an image's pool once, and
+the final files are assembled streaming through the chunk files.
 Peaks are read with tracemalloc (NumPy reports its buffers to it) against the byte size of
 the masks involved (experiments/bench_discovery_memory.py measures whole runs)."""
 
+import glob
+import json
+import os
 import tracemalloc
 
 import numpy as np
 
+from hassod_jax import utils
 from hassod_jax.discovery import pipeline, refine
 from tests.discovery.test_pipeline import _config, _write_images
 
@@ -115,3 +120,78 @@ def test_levels_decode_the_pool_once():
     for anns in out["per_threshold"]:
         assert [a["hier_level"] for a in anns] == levels(anns)
 
+
+
+def _fake_run(out_dir, n_images, chunk=10, n_anns=40, shards=2):
+    """Chunk files as `n_images` images discovered over `shards` jobs would leave them (image
+    i in shard i % shards), every 7th image skipped; each image's results hold `n_anns`
+    annotations of ~1 kB per list."""
+    rng = np.random.default_rng(n_images)
+    for s in range(shards):
+        indices = list(range(s, n_images, shards))
+        chunks = [indices[i : i + chunk] for i in range(0, len(indices), chunk)]
+        d = os.path.join(out_dir, "work", f"shard_{s:04d}_of_{shards:04d}")
+        for k, idx in enumerate(chunks):
+            rec = {"images": [], "results": [], "skipped": []}
+            for i in idx:
+                if i % 7 == 3:
+                    rec["skipped"].append({"index": i, "reason": "bad", "file_name": f"{i}.jpg",
+                                           "image_id": i + 1})  # fmt: skip
+                    continue
+                rec["images"].append({"index": i, "id": i + 1, "file_name": f"{i}.jpg",
+                                      "height": 30, "width": 40})  # fmt: skip
+
+                def anns(k, i=i):
+                    return [{"segmentation": {"size": [30, 40], "counts": "x" * 1000 + str(i)},
+                             "area": int(rng.integers(1, 99)), "bbox": [1.0, 2.0, 3.0, 4.0],
+                             "hier_level": j % 3} for j in range(k)]  # fmt: skip
+
+                rec["results"].append({"ensemble": anns(n_anns), "regions": [5, 3],
+                                       "per_threshold": [anns(n_anns // 2), anns(n_anns // 2)]})
+            utils.atomic_write_json(os.path.join(d, f"chunk_{k:06d}.json"), rec)
+        utils.atomic_write_json(os.path.join(d, "done.json"),
+                                {"num_chunks": len(chunks), "num_images": len(indices)})
+
+
+def _expected(out_dir, pick):
+    """The file the whole result held in memory gives: json.dumps of one dict."""
+    rows, skipped = [], []
+    for path in sorted(glob.glob(os.path.join(out_dir, "work", "shard_*", "chunk_*.json"))):
+        rec = json.load(open(path))
+        rows += list(zip(rec["images"], rec["results"]))
+        skipped += rec["skipped"]
+    rows.sort(key=lambda r: r[0]["index"])
+    anns = [
+        {"id": 0, "image_id": im["id"], "category_id": 1, "iscrowd": 0, **{
+            k: a[k] for k in ("segmentation", "area", "bbox", "hier_level")}}
+        for im, res in rows for a in pick(res)
+    ]  # fmt: skip
+    for i, a in enumerate(anns):
+        a["id"] = i + 1
+    images = [{k: v for k, v in im.items() if k != "index"} for im, _ in rows]
+    data = {"images": images, "annotations": anns, "categories": pipeline.CATEGORIES}
+    return json.dumps(data).encode(), rows, sorted(skipped, key=lambda s: s["index"])
+
+
+def test_assembly_streams_the_chunk_files(tmp_path):
+    """The final files are exactly json.dumps of the whole result, and assembling 10x the
+    images does not take 10x the memory: one chunk per shard is held, not every chunk."""
+    peaks = {}
+    for n in (40, 400):
+        out = str(tmp_path / f"run{n}")
+        _fake_run(out, n)
+        result, peaks[n] = _peak(pipeline.assemble, out, (0.2, 0.4))
+        want, rows, skipped = _expected(out, lambda res: res["ensemble"])
+        assert open(os.path.join(out, pipeline.ENSEMBLE_FILE), "rb").read() == want
+        want, _, _ = _expected(out, lambda res: res["per_threshold"][1])
+        assert open(os.path.join(out, "thresh_0.4.json"), "rb").read() == want
+        got_skipped = json.load(open(os.path.join(out, pipeline.SKIPPED_FILE)))
+        assert got_skipped == [{k: v for k, v in s.items() if k != "index"} for s in skipped]
+        assert len(result["rows"]) == len(rows) == result["images"]
+        assert list(result["rows"]) == rows and list(result["rows"]) == rows  # passes repeat
+        assert result["rows"][:3] == rows[:3]
+    chunk_bytes = os.path.getsize(
+        os.path.join(tmp_path, "run400", "work", "shard_0000_of_0002", "chunk_000000.json")
+    )
+    assert peaks[400] < 2 * peaks[40], peaks
+    assert peaks[400] < 30 * chunk_bytes, (peaks, chunk_bytes)
