@@ -1,10 +1,12 @@
-"""Stage 1 end to end: a folder of images -> hierarchical COCO pseudo-labels (HASSOD_SPEC 1.1-1.5).
+"""Stage 1 end to end: a folder of images -> hierarchical COCO pseudo-labels.
 
 Flow per image: decode (worker) -> 480x480 Lanczos + ImageNet normalisation -> DINO keys
-(device batch) -> ONE HAC merge sequence cut at every threshold (device batch) -> per
-threshold: bilinear upsample, dense CRF, IoU filter, resize to the original size, area and
-corner filters, hole filling, RLE (workers, or the CRF on the device) -> pool all thresholds ->
-coverage tree levels.
+(device batch; on CPU one image per device at a time) -> ONE HAC merge sequence cut at every
+threshold (device batch) -> per threshold, one job each: bilinear upsample, dense CRF, IoU
+filter, resize to the original size, area and corner filters, hole filling, RLE (workers, or
+the CRF on the device) -> pool all thresholds -> coverage tree levels (one job per image).
+Host memory: a chunk's resized images, one full-size mask at a time in refinement, an image's
+pooled masks for its levels; the final files are assembled streaming.
 
 Resume: the image list of this shard is cut into chunks of `chunk_size` images; each finished
 chunk is one JSON file written atomically under `W/pseudo_labels/work/shard_S_of_N/`. A rerun
@@ -14,7 +16,7 @@ then, so a resumed, sharded or merged run writes exactly what one uninterrupted 
 
 Outputs (W = workdir):
     W/pseudo_labels/thresh_{θ}.json        one threshold's kept masks (levels from its own tree)
-    W/pseudo_labels/pseudo_labels_hier.json the ensemble with hier_level (1.5)
+    W/pseudo_labels/pseudo_labels_hier.json the ensemble with hier_level
     W/pseudo_labels/skipped.json           images that could not be used, with the reason
 """
 

@@ -1,7 +1,13 @@
-"""mode=sweep: many HAC thresholds from ONE merge sequence per image (HASSOD_SPEC 1.2).
+"""mode=sweep: many HAC thresholds from ONE merge sequence per image.
 
-Writes `W/sweep/sweep.json` with, per threshold, the mean number of HAC regions and of kept
-(refined) masks per image and, when `config.gt_json` is given, class-agnostic mask AR/AP of
+The merging is shared by every threshold; the refinement is not: each threshold's regions are
+refined as in discovery, one dense CRF per image and threshold, so 12 thresholds cost 12 CRFs
+per image (about 4x a 3-threshold discovery run). The log reports each threshold as it is done,
+with the run's ETA. `config.refine=False` skips the CRF and its IoU filter: the raw HAC regions
+at the original size (area, corner and hole rules as for refined masks), the quick curve.
+
+Writes `W/sweep/sweep.json` with `refine`, per threshold, the mean number of HAC regions and
+of kept masks per image and, when `config.gt_json` is given, class-agnostic mask AR/AP of
 that threshold's pseudo-labels, of the sweep's full ensemble and of the published ensemble
 (`config.ensemble_thresholds`, when every one of them is in the sweep); `W/sweep/sweep.png`
 plots them against the threshold.
