@@ -337,6 +337,90 @@ MUTANTS = [
               "t = np.arange(int(total_steps) + 1, dtype=np.float32)"),),
         ("tests/train/test_schedules.py",),
     ),
+    Mutant(
+        "prepare_gt_odd_part_drops_object",
+        "prepare_gt drops the whole object for one polygon part with an odd coordinate count",
+        (Edit("hassod_jax/data/prepare_gt.py",
+              "            if why:\n                dropped[why] = dropped.get(why, 0) + 1",
+              "            if why == POLYGON_PARTS_ODD:\n                return None, (why, ''), {}\n"
+              "            if why:\n                dropped[why] = dropped.get(why, 0) + 1"),),
+        ("tests/data/test_prepare_gt.py::"
+         "test_polygon_part_with_an_odd_number_of_coordinates_is_dropped_alone",),
+    ),
+    Mutant(
+        "prepare_gt_strict_stops_at_parts",
+        "strict prepare_gt stops at a dropped polygon part, which normal mode keeps going past",
+        (Edit("hassod_jax/data/prepare_gt.py",
+              "        self.counts[reason] = self.counts.get(reason, 0) + n",
+              "        if self.strict:\n            self(source, record, reason)\n"
+              "        self.counts[reason] = self.counts.get(reason, 0) + n"),),
+        ("tests/data/test_prepare_gt.py::"
+         "test_strict_keeps_an_object_whose_short_part_normal_mode_drops",),
+    ),
+    Mutant(
+        "lvis_file_name_last",
+        "LVIS file names default to the URL's last part (no split folder)",
+        (Edit("hassod_jax/defaults.py", 'c.lvis_file_name = "split"',
+              'c.lvis_file_name = "last"'),),
+        ("tests/data/test_prepare_gt.py::"
+         "test_lvis_default_file_names_resolve_in_the_documented_layout",),
+    ),
+    Mutant(
+        "cutler_merge_against_coco_only",
+        "the CutLER merge compares an LVIS mask with COCO's only, not with the LVIS ones kept",
+        (Edit("hassod_jax/data/prepare_gt.py",
+              "worst = max([*iou_lc[i], *iou_ll[i, kept]], default=0.0)",
+              "worst = max([*iou_lc[i]], default=0.0)"),),
+        ("tests/data/test_prepare_gt.py::"
+         "test_coco_lvis_cutler_merge_rule_and_both_counts_in_the_summary",),
+    ),
+    Mutant(
+        "evaluate_unknown_images_a_bug",
+        "predictions on images the ground truth lacks raise a plain ValueError (a traceback)",
+        (Edit("hassod_jax/evaluate/coco_eval.py",
+              '        raise utils.InputError(\n            f"{len(unknown)} prediction image id(s)',
+              '        raise ValueError(\n            f"{len(unknown)} prediction image id(s)'),),
+        ("tests/test_user_errors.py::test_evaluate_predictions_on_images_the_ground_truth_lacks",),
+    ),
+    Mutant(
+        "orbax_read_state_item_alone",
+        "a checkpoint step read through its 'state' folder, where orbax finds no metadata",
+        (Edit("hassod_jax/weights/detectron2.py",
+              "            meta = ckptr.metadata(path).item_metadata[\"state\"]",
+              "            meta = ckptr.metadata(os.path.join(path, 'state')).item_metadata"),),
+        ("tests/weights/test_orbax_read.py",),
+    ),
+    Mutant(
+        "vit_whole_batch_on_cpu",
+        "the ViT on CPU takes the whole (padded) batch in one call",
+        (Edit("hassod_jax/discovery/pipeline.py",
+              'self.group = jax.local_device_count() if jax.default_backend() == "cpu" else 0',
+              "self.group = 0"),),
+        ("tests/discovery/test_memory.py::"
+         "test_vit_on_cpu_sees_a_device_group_per_call_and_no_padding",),
+    ),
+    Mutant(
+        "discovery_pads_on_cpu",
+        "the last feature batch is padded on CPU too",
+        (Edit("hassod_jax/discovery/pipeline.py", "pad = 0 if host else bs - len(batch)",
+              "pad = bs - len(batch)"),),
+        ("tests/discovery/test_memory.py::"
+         "test_vit_on_cpu_sees_a_device_group_per_call_and_no_padding",),
+    ),
+    Mutant(
+        "sweep_refine_ignored",
+        "refine=False still runs the CRF (the field read nowhere)",
+        (Edit("hassod_jax/discovery/pipeline.py", '"refine": refine_on,', '"refine": True,'),),
+        ("tests/discovery/test_sweep_quick.py",),
+    ),
+    Mutant(
+        "resume_record_without_refine",
+        "a resume record written before the refine field is taken as another setting",
+        (Edit("hassod_jax/discovery/pipeline.py", '_RECORDED_DEFAULTS = {"refine": True}',
+              "_RECORDED_DEFAULTS = {}"),),
+        ("tests/discovery/test_sweep_quick.py::"
+         "test_a_workdir_is_not_resumed_with_the_other_refine",),
+    ),
 ]
 
 _IGNORE = shutil.ignore_patterns(
