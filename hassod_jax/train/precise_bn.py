@@ -221,6 +221,23 @@ def make_accumulate_step(model, estimator="population", method="features"):
     return step
 
 
+def jit_accumulate_step(model, mesh, estimator="population", method="features"):
+    """`make_accumulate_step` as `PreciseBN` runs it: jitted over `mesh` like the train step
+    (params, batch_stats and the accumulator replicated, images and sizes sharded along `data`),
+    the accumulator donated. Returns (step, data sharding, replicated sharding)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jax.jit(
+        make_accumulate_step(model, estimator, method),
+        in_shardings=(replicated,) * 3 + (data_sharding,) * 2,
+        out_shardings=replicated,
+        donate_argnums=(2,),
+    )
+    return step, data_sharding, replicated
+
+
 class PreciseBN:
     """The jitted PreciseBN of a training run, sharded like the train step.
 
@@ -233,17 +250,10 @@ class PreciseBN:
     """
 
     def __init__(self, model, mesh, num_iters=200, estimator="population", method="features"):
-        from jax.sharding import NamedSharding, PartitionSpec
-
         self.model, self.method = model, method
         self.num_iters, self.estimator = int(num_iters), estimator
-        self.data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        self._step = jax.jit(
-            make_accumulate_step(model, estimator, method),
-            in_shardings=(replicated,) * 3 + (self.data_sharding,) * 2,
-            out_shardings=replicated,
-            donate_argnums=(2,),
+        self._step, self.data_sharding, replicated = jit_accumulate_step(
+            model, mesh, estimator, method
         )
         self._finalize = jax.jit(
             lambda acc, stats: finalize(acc, stats, estimator), out_shardings=replicated

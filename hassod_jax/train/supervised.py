@@ -167,6 +167,21 @@ def make_train_step(model, tx, schedule):
     return step_fn
 
 
+def jit_train_step(model, tx, schedule, mesh):
+    """The train step as `train` runs it: jitted over `mesh`, the batch sharded along its `data`
+    axis, the state and the rng replicated, the state donated. Returns (step_fn, data sharding,
+    replicated sharding); experiments/aot.py compiles the same function for TPU topologies."""
+    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step_fn = jax.jit(
+        make_train_step(model, tx, schedule),
+        in_shardings=(replicated, data_sharding, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    return step_fn, data_sharding, replicated
+
+
 _DEVICE_KEYS = ("images", "image_sizes", "boxes", "masks", "levels", "valid")
 
 
@@ -323,11 +338,9 @@ def train(config, workdir):
         raise utils.ConfigError(
             f"config.batch_size={config.batch_size} must be a multiple of the {n_dev} devices"
         )
-    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-
     model = build_model(config)
     tx, schedule = make_optimizer(config)
+    step_fn, data_sharding, replicated = jit_train_step(model, tx, schedule, mesh)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, step_rng = jax.random.split(rng)
     state = init_state(model, tx, init_rng, config.resnet_checkpoint or None)
@@ -351,12 +364,6 @@ def train(config, workdir):
         worker_count=config.data.workers,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-    )
-    step_fn = jax.jit(
-        make_train_step(model, tx, schedule),
-        in_shardings=(replicated, data_sharding, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
     )
     pbn = None
     if config.get("precise_bn", False):
