@@ -178,7 +178,7 @@ def main(argv=None):
         "--max-sampling",
         type=int,
         default=None,
-        help="ROIAlign adaptive-sampling cap (config default 8; cost grows with its square)",
+        help="ROIAlign cap on adaptive samples per bin, gh * gw (config default 64)",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
