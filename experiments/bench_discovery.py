@@ -18,10 +18,10 @@ timed as it is, and its output is then replaced by a COCO-like feature map of th
 SLIC superpixels of the image at three scales (about 170, 40 and 12 per 60x60 grid, scaled
 with the grid) give each patch a sum of three random directions (the coarse, middle and fine
 segment's) plus per-patch noise, in proportions that make HAC stop at the fine segments at
-θ 0.4, the middle ones at 0.2 and the coarse ones at 0.1 (about 100-130 / 30-40 / 15-30
-regions on the photos used). The maps are made in the untimed pass and looked up by image
-content in the timed one, so the "features" stage is the ViT's time. `--features vit` keeps
-the random ViT's keys.
+θ 0.4, the middle ones at 0.2 and the coarse ones at 0.1 (on the first 32 photos at 480 px:
+98-137 / 28-45 / 11-34 regions, means 113 / 37 / 22, CRF label buckets 16 to 256; HAC on
+this CPU). The maps are made in the untimed pass and looked up by image content in the timed
+one, so the "features" stage is the ViT's time. `--features vit` keeps the random ViT's keys.
 
 The images are scikit-image's bundled photos, mirrored and cropped to give distinct inputs.
 The baseline is the published figure of the PyTorch original: 13.8 s per image on one worker.
