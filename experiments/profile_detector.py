@@ -50,6 +50,7 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
 _NAME = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OPERAND = re.compile(r"%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 _SOURCE = re.compile(r'source_file="([^"]*)" source_line=(\d+)')
@@ -99,8 +100,9 @@ def hlo_op_sources(hlo_text):
         return (op.group(1) if op else "", src or "?")
 
     # A fusion XLA made of ops with different metadata may carry none itself: it then takes
-    # its fused computation's (the ROOT's, else the first instruction's that has any).
-    out, calls, comp_meta, comp = {}, {}, {}, None
+    # its fused computation's (the ROOT's, else the first instruction's that has any); an op
+    # XLA created (a copy, a broadcast) takes its nearest operand's, marked "~" (inferred).
+    out, calls, operands, comp_meta, comp = {}, {}, {}, {}, None
     for line in hlo_text.splitlines():
         head = _COMPUTATION.match(line)
         if head:
@@ -114,12 +116,27 @@ def hlo_op_sources(hlo_text):
             out[name.group(1)] = parse(m.group(2))
             if comp and (comp not in comp_meta or line.lstrip().startswith("ROOT ")):
                 comp_meta[comp] = out[name.group(1)]
-        else:
-            c = _CALLS.search(line)
-            if c:
-                calls[name.group(1)] = c.group(1)
+            continue
+        c = _CALLS.search(line)
+        if c:
+            calls[name.group(1)] = c.group(1)
+        rhs = line.split(" = ", 1)[1].split("calls=")[0]
+        operands[name.group(1)] = _OPERAND.findall(rhs)
     for name, callee in calls.items():
-        out.setdefault(name, comp_meta.get(callee, ("", "?")))
+        if callee in comp_meta:
+            out.setdefault(name, comp_meta[callee])
+    for name, ops in operands.items():
+        if name in out:
+            continue
+        seen, frontier = {name}, list(ops)
+        for _ in range(4):  # breadth-first over operands, a few levels up
+            hit = next((out[o] for o in frontier if out.get(o, ("", "?"))[1] != "?"), None)
+            if hit:
+                out[name] = (hit[0], hit[1] if hit[1].endswith(" ~") else hit[1] + " ~")
+                break
+            seen.update(frontier)
+            frontier = [q for o in frontier for q in operands.get(o, ()) if q not in seen]
+        out.setdefault(name, ("", "?"))
     return out
 
 
@@ -189,6 +206,8 @@ def trace_summary(trace_dir, hlo_text, steps, top=25):
         pas, mod = _module_path(op_name)
         if src == "?" and op_name:
             src = f"(scope) {mod}"
+        if src.endswith(" ~"):  # inferred from an operand: forward or backward is unknown
+            pas = "?"
         us = max(self_us[id(e)], 0.0)
         by_fn[(src, pas)] += us
         by_module[(mod, pas)] += us
@@ -212,6 +231,7 @@ def trace_summary(trace_dir, hlo_text, steps, top=25):
 
 
 def print_trace_summary(s, n=15):
+    """The summary's two main tables ("~": attributed from an operand; "?": no metadata)."""
     print(f"device time {s['device_ms_per_step']:.1f} ms per step over {s['events']} op events"
           f" ({'device kernels' if s['device_events'] else 'host XLA ops'})")  # fmt: skip
     print(f"{'source function':56s} {'pass':4s} {'ms/step':>9s} {'share':>6s}")
