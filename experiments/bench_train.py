@@ -382,6 +382,7 @@ def main(argv=None):
     def dev_batch(b):
         return supervised.shard_batch(b, data_sharding)
 
+    write_json(args.out, result)  # so that a timeout during the compile keeps the above
     # Compile the one bucket's step (AOT), check its memory, halve the batch until it fits.
     # Multi-bucket plans (no --gpu/--quick single bucket) compile the others at first use.
     batch = args.batch
