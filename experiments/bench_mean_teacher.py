@@ -86,6 +86,8 @@ def main(argv=None):
     p.add_argument("--max-targets", type=int, default=-1,
                    help="teacher target slots per image (-1: one per detection, the recipe)")
     p.add_argument("--score-thresh", type=float, default=0.7)
+    p.add_argument("--limit-bytes", type=float, default=None,
+                   help="take this as the device's memory limit (to check the halving on CPU)")
     p.add_argument("--pool", type=int, default=None,
                    help="processes that build scenes and batches (default: CPUs)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -193,6 +195,7 @@ def main(argv=None):
         return (MT._shard(built["label"][k], data), MT._shard(built["unlabel"][k], data), rng)
 
     _, limit = device_memory()
+    limit = args.limit_bytes or limit
     plain = dict(step="plain (2.2)", fn=plain_step, host=plain_host, make_args=plain_args)
     mt = dict(step="mean teacher", fn=mt_step, host=mt_host, make_args=mt_args)
 

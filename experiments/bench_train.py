@@ -288,6 +288,12 @@ def main(argv=None):
     p.add_argument(
         "--bucket", type=int, nargs=2, default=None, metavar=("H", "W"), help="one padding bucket"
     )
+    p.add_argument(
+        "--limit-bytes",
+        type=float,
+        default=None,
+        help="take this as the device's memory limit (to check the halving on CPU)",
+    )
     p.add_argument("--profile-steps", type=int, default=0, help="trace this many steps")
     p.add_argument("--trace-out", default=None, help="copy the perfetto trace here (if small)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -387,6 +393,7 @@ def main(argv=None):
     # Multi-bucket plans (no --gpu/--quick single bucket) compile the others at first use.
     batch = args.batch
     _, limit = device_memory()
+    limit = args.limit_bytes or limit
     while True:
         t = time.perf_counter()
         state = jax.device_put(host_state, replicated)
