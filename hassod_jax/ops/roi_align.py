@@ -29,9 +29,10 @@ Cost: one gather of 4 taps per bin for all boxes per step, so time grows with th
 ``gh * gw`` of the batch (``sampling_ratio**2`` when fixed) while memory stays
 O(K * S * S * C).
 
-All levels of an FPN are flattened into one (sum of H*W, C) table and each box gathers
-from its own level through a per-box row offset, height, width and scale: one gather
-pass in total, not one per level.
+All levels of an FPN are flattened into one (sum of H*W, C) table per image and each box
+gathers from its own level through a per-box row offset, height, width and scale: one gather
+pass in total, not one per level, and each image reads only its own table (so a batch sharded
+over devices pools without moving features between them).
 """
 
 from __future__ import annotations
@@ -94,71 +95,82 @@ def _fit_to_cap(gh, gw, cap: int):
     return jnp.where(over, sh, gh), jnp.where(over, sw, gw)
 
 
-def _roi_align_flat(
-    table, boxes, base, height, width, scale, *, output_size, sampling_ratio, aligned, max_sampling
-):
-    """ROIAlign of K boxes against rows of ``table`` (N, C).
+def _sample_counts(roi_h, roi_w, output_size, sampling_ratio, max_sampling):
+    """Per-box samples per bin along each axis, (gh, gw) int32, and the static walk length."""
+    if sampling_ratio > 0:
+        gh = jnp.full(roi_h.shape, int(sampling_ratio), jnp.int32)
+        return gh, gh, int(sampling_ratio) ** 2
+    # ceil(roi / S) as torchvision; a non-positive size gives 0 samples (output 0).
+    gh = jnp.clip(jnp.ceil(roi_h / output_size), 0, 2**20).astype(jnp.int32)
+    gw = jnp.clip(jnp.ceil(roi_w / output_size), 0, 2**20).astype(jnp.int32)
+    gh, gw = _fit_to_cap(gh, gw, int(max_sampling))
+    return gh, gw, int(max_sampling)
 
-    Box k reads the (height[k], width[k]) map stored row-major at rows
-    ``base[k] : base[k] + height[k] * width[k]``. boxes (K, 4) xyxy in input pixels, scaled by
-    scale[k]. Returns (K, S, S, C) in ``table``'s dtype (accumulated in float32).
 
-    A ``scan`` walks the sample slots (module docstring), gathering the 4 bilinear taps of
-    one sample per bin for all boxes at once: memory stays O(K * S * S * C) whatever the
-    count, and its gradient is a scatter-add per step. Steps beyond the largest per-box
-    sample count of the batch are skipped.
+def _pool(tables, boxes, base, height, width, scale, *, output_size, sampling_ratio, aligned,
+          max_sampling):
+    """ROIAlign of each image's K boxes against rows of its own table.
+
+    tables (B, N, C); box k of image b reads the (height[b, k], width[b, k]) map stored
+    row-major at rows ``base[b, k] : base[b, k] + height * width`` of ``tables[b]``. boxes
+    (B, K, 4) xyxy in input pixels, scaled by scale[b, k]. Returns (B, K, S, S, C) in the
+    tables' dtype (accumulated in float32).
+
+    Every image gathers from its own table (a batched gather): with the batch sharded over
+    devices each device reads only its own images' features (one table for the whole batch
+    made XLA gather the global batch onto every device). A ``scan`` walks the sample slots
+    (module docstring), gathering the 4 bilinear taps of one sample per bin for all boxes at
+    once: memory stays O(K * S * S * C) whatever the count, and its gradient is a scatter-add
+    per step. The walk's body is rematerialised: the backward pass recomputes each step's tap
+    indices and weights from the boxes instead of keeping them (K * S * S * 4 of each per
+    step, tiny trailing dimensions that accelerators pad). Steps beyond the largest per-box
+    sample count of the whole batch are skipped.
     """
     s = int(output_size)
-    k = boxes.shape[0]
-    c_dim = table.shape[1]
-    boxes = boxes.astype(jnp.float32)
-    x1, y1, roi_w, roi_h = _roi_geometry(boxes, scale, aligned)
-    if sampling_ratio > 0:
-        gh = jnp.full((k,), int(sampling_ratio), jnp.int32)
-        gw = gh
-        steps = int(sampling_ratio) ** 2
-    else:
-        # ceil(roi / S) as torchvision; a non-positive size gives 0 samples (output 0).
-        gh = jnp.clip(jnp.ceil(roi_h / s), 0, 2**20).astype(jnp.int32)
-        gw = jnp.clip(jnp.ceil(roi_w / s), 0, 2**20).astype(jnp.int32)
-        gh, gw = _fit_to_cap(gh, gw, int(max_sampling))
-        steps = int(max_sampling)
-    h_f = height.astype(jnp.float32)
-    w_f = width.astype(jnp.float32)
-    per_box = gh * gw
-    count = jnp.maximum(per_box, 1).astype(jnp.float32)
-    max_t = jnp.max(per_box, initial=0)
-    gw_div = jnp.maximum(gw, 1)
+    b, k = boxes.shape[:2]
+    x1, y1, roi_w, roi_h = _roi_geometry(boxes.astype(jnp.float32), scale, aligned)
+    gh, gw, steps = _sample_counts(roi_h, roi_w, s, sampling_ratio, max_sampling)
+    max_t = jnp.max(gh * gw, initial=0)  # over the batch: one walk length for every image
 
-    def add_slot(acc, t):
-        # torchvision's loop order per box: iy outer, ix inner.
-        iy = jnp.where(t < per_box, t // gw_div, gh)  # gh: out of the slot range -> weight 0
-        ix = t % gw_div
-        yi, wy = _axis_samples(y1, roi_h, s, gh, iy[:, None], h_f, height)  # (K, S, 1, 2)
-        xi, wx = _axis_samples(x1, roi_w, s, gw, ix[:, None], w_f, width)
-        yi, wy, xi, wx = yi[:, :, 0], wy[:, :, 0], xi[:, :, 0], wx[:, :, 0]  # (K, S, 2)
-        rows = base[:, None, None] + yi * width[:, None, None]  # (K, S, 2)
-        flat_idx = rows[:, :, :, None, None] + xi[:, None, None, :, :]  # (K, S, 2, S, 2)
-        vals = jnp.take(table, flat_idx, axis=0, mode="clip").astype(jnp.float32)
-        wgt = wy[:, :, :, None, None] * wx[:, None, None, :, :]
-        return acc + jnp.sum(vals * wgt[..., None], axis=(2, 4))
+    def one_image(table, x1, y1, roi_w, roi_h, gh, gw, base, height, width):
+        h_f = height.astype(jnp.float32)
+        w_f = width.astype(jnp.float32)
+        per_box = gh * gw
+        count = jnp.maximum(per_box, 1).astype(jnp.float32)
+        gw_div = jnp.maximum(gw, 1)
 
-    def step(acc, t):
-        acc = jax.lax.cond(t < max_t, lambda a: add_slot(a, t), lambda a: a, acc)
-        return acc, None
+        @jax.checkpoint
+        def add_slot(acc, t):
+            # torchvision's loop order per box: iy outer, ix inner.
+            iy = jnp.where(t < per_box, t // gw_div, gh)  # gh: out of the slot range, weight 0
+            ix = t % gw_div
+            yi, wy = _axis_samples(y1, roi_h, s, gh, iy[:, None], h_f, height)  # (K, S, 1, 2)
+            xi, wx = _axis_samples(x1, roi_w, s, gw, ix[:, None], w_f, width)
+            yi, wy, xi, wx = yi[:, :, 0], wy[:, :, 0], xi[:, :, 0], wx[:, :, 0]  # (K, S, 2)
+            rows = base[:, None, None] + yi * width[:, None, None]  # (K, S, 2)
+            flat_idx = rows[:, :, :, None, None] + xi[:, None, None, :, :]  # (K, S, 2, S, 2)
+            vals = jnp.take(table, flat_idx, axis=0, mode="clip").astype(jnp.float32)
+            wgt = wy[:, :, :, None, None] * wx[:, None, None, :, :]
+            return acc + jnp.sum(vals * wgt[..., None], axis=(2, 4))
 
-    acc0 = jnp.zeros((k, s, s, c_dim), jnp.float32)
-    acc, _ = jax.lax.scan(step, acc0, jnp.arange(steps, dtype=jnp.int32))
-    return (acc / count[:, None, None, None]).astype(table.dtype)
+        def step(acc, t):
+            acc = jax.lax.cond(t < max_t, lambda a: add_slot(a, t), lambda a: a, acc)
+            return acc, None
+
+        acc0 = jnp.zeros((k, s, s, table.shape[1]), jnp.float32)
+        acc, _ = jax.lax.scan(step, acc0, jnp.arange(steps, dtype=jnp.int32))
+        return (acc / count[:, None, None, None]).astype(table.dtype)
+
+    return jax.vmap(one_image)(tables, x1, y1, roi_w, roi_h, gh, gw, base, height, width)
 
 
 def _roi_geometry(boxes, scale, aligned):
     """Box start and size in feature pixels, torchvision's convention."""
     off = 0.5 if aligned else 0.0
-    x1 = boxes[:, 0] * scale - off
-    y1 = boxes[:, 1] * scale - off
-    x2 = boxes[:, 2] * scale - off
-    y2 = boxes[:, 3] * scale - off
+    x1 = boxes[..., 0] * scale - off
+    y1 = boxes[..., 1] * scale - off
+    x2 = boxes[..., 2] * scale - off
+    y2 = boxes[..., 3] * scale - off
     roi_w = x2 - x1
     roi_h = y2 - y1
     if not aligned:
@@ -225,22 +237,19 @@ def roi_align(
     _check_boxes("boxes", boxes, b)
     _check_sampling(sampling_ratio, max_sampling)
     k = boxes.shape[1]
-    table = features.reshape(b * h * w, c)
-    base = jnp.repeat(jnp.arange(b, dtype=jnp.int32) * (h * w), k)
     # Like torchvision, no gradient flows into the boxes.
-    out = _roi_align_flat(
-        table,
-        jax.lax.stop_gradient(boxes.reshape(b * k, 4)),
-        base,
-        jnp.full((b * k,), h, jnp.int32),
-        jnp.full((b * k,), w, jnp.int32),
-        jnp.full((b * k,), spatial_scale, jnp.float32),
+    return _pool(
+        features.reshape(b, h * w, c),
+        jax.lax.stop_gradient(boxes),
+        jnp.zeros((b, k), jnp.int32),
+        jnp.full((b, k), h, jnp.int32),
+        jnp.full((b, k), w, jnp.int32),
+        jnp.full((b, k), spatial_scale, jnp.float32),
         output_size=output_size,
         sampling_ratio=sampling_ratio,
         aligned=aligned,
         max_sampling=max_sampling,
     )
-    return out.reshape(b, k, output_size, output_size, c)
 
 
 def assign_boxes_to_levels(
@@ -310,30 +319,20 @@ def multilevel_roi_align(
     min_level, max_level = round(levels[0]), round(levels[-1])
 
     sizes = [f.shape[1] * f.shape[2] for f in features]
-    per_image = sum(sizes)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    # (B, sum HW, C): all levels of one image contiguous, images after each other.
-    table = jnp.concatenate([f.astype(dtype).reshape(b, -1, c) for f in features], axis=1)
-    table = table.reshape(b * per_image, c)
+    # (B, sum HW, C): all levels of one image contiguous, one table per image.
+    tables = jnp.concatenate([f.astype(dtype).reshape(b, -1, c) for f in features], axis=1)
 
-    lvl = assign_boxes_to_levels(
-        boxes, min_level, max_level, canonical_box_size, canonical_level
-    ).reshape(-1)
-    lvl_h = jnp.asarray([f.shape[1] for f in features], jnp.int32)[lvl]
-    lvl_w = jnp.asarray([f.shape[2] for f in features], jnp.int32)[lvl]
-    lvl_scale = jnp.asarray([1.0 / st for st in strides], jnp.float32)[lvl]
-    lvl_off = jnp.asarray(offsets, jnp.int32)[lvl]
-    base = jnp.repeat(jnp.arange(b, dtype=jnp.int32) * per_image, k) + lvl_off
-    out = _roi_align_flat(
-        table,
-        jax.lax.stop_gradient(boxes.reshape(b * k, 4)),
-        base,
-        lvl_h,
-        lvl_w,
-        lvl_scale,
+    lvl = assign_boxes_to_levels(boxes, min_level, max_level, canonical_box_size, canonical_level)
+    return _pool(
+        tables,
+        jax.lax.stop_gradient(boxes),
+        jnp.asarray(offsets, jnp.int32)[lvl],
+        jnp.asarray([f.shape[1] for f in features], jnp.int32)[lvl],
+        jnp.asarray([f.shape[2] for f in features], jnp.int32)[lvl],
+        jnp.asarray([1.0 / st for st in strides], jnp.float32)[lvl],
         output_size=output_size,
         sampling_ratio=sampling_ratio,
         aligned=aligned,
         max_sampling=max_sampling,
     )
-    return out.reshape(b, k, output_size, output_size, c)
