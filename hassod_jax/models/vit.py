@@ -149,24 +149,52 @@ class Mlp(nn.Module):
         return nn.Dense(self.out_dim, dtype=self.dtype, precision=prec, name="fc2")(x)
 
 
+# Bytes of attention logits one query chunk may hold (`_chunked_attention`).
+_LOGITS_BUDGET = 256 * 2**20
+
+
+def _chunked_attention(q, k, v, scale):
+    """Exact softmax attention, (B, N, H, hd) -> (B, N, H, hd), over chunks of queries.
+
+    Each query row's softmax sees every key, so this is the plain attention; only the
+    (B, H, chunk, N) logits of one chunk exist at a time (a sequential map over chunks), not
+    the whole (B, H, N, N) matrix (12 x 3601^2 float32 per ViT-B/8 image at 480 px, 0.6 GB).
+    The chunk is the largest power of two (at least 128) whose logits fit `_LOGITS_BUDGET`.
+    """
+    b, n, h, _ = q.shape
+    row_bytes = b * h * k.shape[1] * 4
+    chunk = max(128, 1 << int(max(_LOGITS_BUDGET // max(row_bytes, 1), 1)).bit_length() - 1)
+    if chunk >= n:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+    steps = -(-n // chunk)
+    qp = jnp.pad(q, ((0, 0), (0, steps * chunk - n), (0, 0), (0, 0)))
+    qp = jnp.moveaxis(qp.reshape(b, steps, chunk, *q.shape[2:]), 1, 0)
+    out = jax.lax.map(
+        lambda qc: jax.nn.dot_product_attention(qc, k, v, scale=scale, implementation="xla"), qp
+    )
+    return jnp.moveaxis(out, 0, 1).reshape(b, steps * chunk, *q.shape[2:])[:, :n]
+
+
 def _attention(q, k, v, scale, dtype, impl):
     """Softmax attention (B, N, H, hd) -> (B, N, H, hd).
 
-    impl 'auto' uses cuDNN's fused flash attention for bfloat16/float16 on GPUs (the
-    unfused XLA form writes (B, H, N, N) logits to memory: 12 x 3601^2 per ViT-B/8 image
-    at 480 px) and XLA otherwise; 'xla' / 'cudnn' force one.
+    impl 'auto' uses cuDNN's fused flash attention for bfloat16/float16 on GPUs and the
+    query-chunked form (`_chunked_attention`) otherwise; 'chunked', 'xla' (the unfused form,
+    which writes all (B, H, N, N) logits to memory) and 'cudnn' force one.
     """
     if jnp.dtype(dtype) == jnp.float32:
         # float32 means float32 (no TF32 on GPUs), as in the PyTorch original.
         with jax.default_matmul_precision("highest"):
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
-    if impl == "auto":
-        if jax.default_backend() != "gpu":
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+            if impl == "xla":
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+            return _chunked_attention(q, k, v, scale)
+    if impl == "auto" and jax.default_backend() == "gpu":
         try:  # cuDNN's support checks run at trace time and raise for unsupported shapes
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError):
-            impl = "xla"
+            impl = "chunked"
+    if impl in ("auto", "chunked"):
+        return _chunked_attention(q, k, v, scale)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
 
 
@@ -242,7 +270,8 @@ class VisionTransformer(nn.Module):
       pos_grid: N, side of the pretraining patch grid (pos_embed is (1, 1 + N*N, D)).
       dtype: compute dtype of matmuls/attention (float32 or bfloat16); parameters and the
         residual stream stay float32.
-      attention: 'auto' (cuDNN flash attention for bfloat16 on GPUs, else XLA), 'xla' or
+      attention: 'auto' (cuDNN flash attention for bfloat16 on GPUs, else the query-chunked
+        exact form that never holds the whole N x N matrix), 'chunked', 'xla' (unfused) or
         'cudnn'.
     """
 
@@ -259,8 +288,9 @@ class VisionTransformer(nn.Module):
         d = self.embed_dim
         if d % self.num_heads:
             raise ValueError(f"embed_dim {d} is not divisible by num_heads {self.num_heads}")
-        if self.attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"attention {self.attention!r} must be 'auto', 'xla' or 'cudnn'")
+        if self.attention not in ("auto", "chunked", "xla", "cudnn"):
+            raise ValueError(
+                f"attention {self.attention!r} must be 'auto', 'chunked', 'xla' or 'cudnn'")
         init = nn.initializers.truncated_normal(0.02)
         self.cls_token = self.param("cls_token", init, (1, 1, d))
         self.pos_embed = self.param("pos_embed", init, (1, 1 + self.pos_grid**2, d))

@@ -416,3 +416,23 @@ def test_sharded_equals_single_device(small):
     x = _images(8, 48, 80, seed=0)
     out = dino_features(module, params, x)
     assert len(out.sharding.device_set) == 8
+
+
+def test_chunked_attention_is_the_full_softmax(monkeypatch):
+    """The query-chunked attention against the whole-matrix softmax in float64 NumPy, with a
+    budget that forces chunks of 128 queries and a partial last chunk (300 = 2 x 128 + 44)."""
+    from hassod_jax.models import vit
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 300, 3, 16)).astype(np.float32) for _ in range(3))
+    monkeypatch.setattr(vit, "_LOGITS_BUDGET", 128 * 2 * 3 * 300 * 4)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(jax.jit(lambda a, b, c: vit._chunked_attention(a, b, c, 0.25))(q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k.astype(np.float64)) * 0.25
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bkhd->bqhd", p, v.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The chunking happened: the compiled program loops over 3 chunks of 128 queries.
+    hlo = jax.jit(lambda a, b, c: vit._chunked_attention(a, b, c, 0.25)).lower(q, k, v).as_text()
+    assert "128" in hlo and ("while" in hlo or "scan" in hlo)
