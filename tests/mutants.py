@@ -277,8 +277,8 @@ MUTANTS = [
         "student_sup_weak_views_only",
         "the supervised branch sees the weak label views twice instead of strong + weak",
         (Edit("hassod_jax/train/mean_teacher.py",
-              'jnp.concatenate([_images(label, "images_strong"), _images(label, "images")])',
-              'jnp.concatenate([_images(label, "images"), _images(label, "images")])'),),
+              '_pairs(_images(label, "images_strong"), _images(label, "images"))',
+              '_pairs(_images(label, "images"), _images(label, "images"))'),),
         ("tests/train/test_mt_recipe.py::test_student_total_loss_and_batch_statistics",),
     ),
     Mutant(

@@ -164,6 +164,14 @@ def _gt(batch, width):
             "valid": batch["valid"]}
 
 
+def _pairs(a, b):
+    """(B, ...) and (B, ...) -> (2B, ...) ordered a0, b0, a1, b1, ...: image i's two views
+    stay on the device that holds image i (a concatenation along the batch axis, which is
+    sharded, would move half of the batch between devices every step). Batch statistics and
+    the batch-averaged losses do not depend on the order."""
+    return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
+
 def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
                  score_thresh=SCORE_THRESH, coverage=COVERAGE, max_targets=-1,
                  sup_weight=1.0, unsup_weight=2.0, unsup=True, loss_weights="adaptive"):
@@ -218,10 +226,10 @@ def make_mt_step(model, tx, schedule, *, total_steps, ema_keep=EMA_KEEP,
         key = jax.random.fold_in(rng, t)
         k_sup, k_unsup = jax.random.split(key)
         # 4. Student: supervised on strong + weak label views, unsupervised on strong unlabel.
-        sup_x = jnp.concatenate([_images(label, "images_strong"), _images(label, "images")])
+        sup_x = _pairs(_images(label, "images_strong"), _images(label, "images"))
         gt = _gt(label, label["images"].shape[2])
-        sup_t = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), gt)
-        sup_sizes = jnp.concatenate([label["image_sizes"], label["image_sizes"]])
+        sup_t = jax.tree_util.tree_map(lambda a: _pairs(a, a), gt)
+        sup_sizes = _pairs(label["image_sizes"], label["image_sizes"])
         w_sup, w_unsup = schedules.mean_teacher_loss_weights(
             loss_weights, t, total_steps, sup_weight, unsup_weight
         )
