@@ -52,6 +52,9 @@ setup(
             "torchvision>=0.24",
             "tensorflow-datasets",
             "importlib_resources",
+            # The TPU compiler (libtpu, at the version this jax pins): tests/test_aot_tpu.py and
+            # experiments/aot.py compile for TPU topologies on a CPU-only machine.
+            "jax[tpu]",
         ],
         "cuda": ["jax[cuda13]"],
         "tfds": ["tensorflow-datasets", "importlib_resources"],
