@@ -663,9 +663,11 @@ def hlo_summary(instrs, comps, top=3):
         base = op.removesuffix("-start")
         if base in COLLECTIVES and not op.endswith("-done"):
             arrays = _ARRAY.findall(shape)
-            # An async start's result is (operands, results, ...): count its results.
-            size = shape_bytes(shape) if not op.endswith("-start") or len(arrays) < 2 else \
-                shape_bytes(f"{arrays[-1][0]}[{arrays[-1][1]}]")
+            if op in ("all-gather-start", "collective-permute-start"):
+                # (operands, results, scalar contexts): count the results.
+                arrays = [a for a in arrays if a[1]]
+                arrays = arrays[len(arrays) // 2:]
+            size = sum(shape_bytes(f"{t}[{d}]") for t, d in arrays)
             c = coll.setdefault(base, [0, 0])
             c[0] += 1
             c[1] += size
@@ -816,6 +818,12 @@ def compile_part(part, dump_dir, top=8, compiler_options=None):
     return row
 
 
+def _opts_tag(opts):
+    """The options that set a program's shapes, for the dump folder's name."""
+    return "_".join(f"{k}{'x'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                    for k, v in dataclasses.asdict(opts).items() if v is not None)
+
+
 def run(target_name, program, opts=None, dump=None, top=8, log=print, compiler_options=None):
     """Compiles `program` for `target_name`; returns one table row (a dict). `compiler_options`
     are added to the compile's (e.g. FAST_COMPILE)."""
@@ -835,7 +843,7 @@ def run(target_name, program, opts=None, dump=None, top=8, log=print, compiler_o
     rows = []
     try:
         for p in parts:
-            d = os.path.join(base, f"{target_name}_{program}_{p.name}")
+            d = os.path.join(base, f"{target_name}_{program}_{p.name}_{_opts_tag(opts)}")
             shutil.rmtree(d, ignore_errors=True)
             r = compile_part(p, d, top, compiler_options)
             r["chips"] = p.chips
@@ -873,7 +881,9 @@ def _combine(rows):
 
     out = {k: total(k) for k in ("lower_s", "compile_s", "flops", "bytes_accessed",
                                  "xla_seconds")}
-    out.update({k: most(k) for k in ("arg_bytes", "out_bytes", "temp_bytes", "peak_bytes")})
+    out.update({k: most(k) for k in ("arg_bytes", "out_bytes", "temp_bytes")})
+    # No peak when a program did not compile: its own is unknown.
+    out["peak_bytes"] = most("peak_bytes") if all(r["status"] == "ok" for r in rows) else None
     out["chips"] = most("chips")
     out["analytic_flops"] = total("analytic_flops") if all(
         r.get("analytic_flops") for r in rows) else None
