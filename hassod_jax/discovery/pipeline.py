@@ -586,14 +586,25 @@ def label_bucket(r):
 
 
 def jax_crf_all(images_u8, partitions, crf_kwargs, size, batch_size):
-    """CRF marginals on the device for every (image, threshold) of a chunk.
+    """CRF marginals on the devices for every (image, threshold) of a chunk.
 
     Pairs whose region counts fall in the same label bucket go through `dense_crf` together,
-    `batch_size` at a time (the last batch padded with repeats), so the device sees a few
-    static shapes. Returns, per image, a list over thresholds of (R, S, S) float32 arrays.
+    `batch_size` at a time rounded up to a multiple of this host's devices (the last batch
+    padded with repeats), so the devices see a few static shapes. Each batch is split over
+    the host's devices (a CRF pair at 480 x 480 and 32 labels needs about 2 GB of device
+    memory; 8 pairs on one device did not fit 16 GB). Returns, per image, a list over
+    thresholds of (R, S, S) float32 arrays.
     """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from hassod_jax import parallel
     from hassod_jax.discovery import crf, refine
 
+    mesh = parallel.local_mesh()
+    n_dev = mesh.devices.size
+    batch_size = -(-batch_size // n_dev) * n_dev
+    pairs_sharding = NamedSharding(mesh, PartitionSpec("data"))
     groups = {}
     for i, parts in enumerate(partitions):
         for t, regions in enumerate(parts):
@@ -610,7 +621,8 @@ def jax_crf_all(images_u8, partitions, crf_kwargs, size, batch_size):
                 probs[k, :r] = refine.upsample_masks(partitions[i][t], (size, size))
                 valid[k, :r] = True
             images = np.stack([images_u8[i] for i, _ in batch])
-            q = np.asarray(crf.dense_crf(images, probs, valid, **crf_kwargs))
+            args = jax.device_put((images, probs, valid), pairs_sharding)
+            q = np.asarray(crf.dense_crf(*args, **crf_kwargs))
             for k, (i, t) in enumerate(batch[: len(pairs[b : b + batch_size])]):
                 out[i][t] = q[k, : partitions[i][t].shape[0]]
     return out

@@ -297,6 +297,32 @@ def test_jax_crf_backend_batches_pairs_and_agrees_with_pydensecrf(baseline, tmp_
     assert np.all(np.diag(np.asarray(ious)) >= 0.98)
 
 
+def test_jax_crf_pairs_are_split_over_the_hosts_devices(monkeypatch):
+    """Each CRF batch is sharded along its pairs over every local device (8 in the test
+    session), the batch rounded up to a multiple of them, and each device holds its share."""
+    import jax
+
+    from hassod_jax.discovery import crf
+
+    seen = []
+    real = crf.dense_crf
+
+    def recording(image, probs, valid, **kw):
+        seen.append((image.shape, {d.id for d in image.sharding.device_set},
+                     image.addressable_shards[0].data.shape))
+        return real(image, probs, valid, **kw)
+
+    monkeypatch.setattr(crf, "dense_crf", recording)
+    rng = np.random.default_rng(1)
+    parts = [[np.stack([lab == v for v in range(3)]) for lab in [rng.integers(0, 3, (8, 8))]]]
+    kw = dict(defaults.discovery().crf)
+    pipeline.jax_crf_all([_scene(0)[:32, :32]], parts, kw, 32, batch_size=3)
+    n = jax.local_device_count()
+    assert n == 8
+    (shape, devices, local), = seen
+    assert shape[0] == 8 and len(devices) == 8 and local[0] == 1
+
+
 def _cocoeval_segm(gt_json, preds):
     """Independent class-agnostic mask AP and AR@100: pycocotools COCOeval, useCats=0."""
     import contextlib
