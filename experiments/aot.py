@@ -16,8 +16,8 @@ The programs, each built from configs/*.py by the mode's own builder:
   hac         HAC `merge_sequence_batch` (`hac._merge_batch_jit`, the accelerator chunk) on the
               host batch of ViT features: the mode hands the whole batch to one chip.
   crf         the dense CRF as `pipeline.jax_crf_all` calls it (`crf.dense_crf`, traced under one
-              jit: its `_crf_batch` plus the label padding) on `batch_size` (image, threshold)
-              pairs of one label bucket (--crf-labels), on one chip.
+              jit: its `_crf_batch` plus the label padding) on config.batch_size (image,
+              threshold) pairs of one label bucket (--crf-labels), split over one host's chips.
   discovery   the device part of one discovery batch: vit, hac, `cut_labels` and crf, compiled
               one by one; the row sums compile time and FLOPs and takes the largest memory.
   train_step  `supervised.jit_train_step` (stage 2.2), bfloat16 by default.
@@ -401,21 +401,25 @@ def _hac_parts(cfg, host, batch, grid, dim, with_cut):
     return parts
 
 
-def _crf_part(cfg, host, batch, size, labels):
+def _crf_part(cfg, host, size, labels):
+    """The CRF as `pipeline.jax_crf_all` runs it: config.batch_size pairs (rounded up to a
+    multiple of the host's chips) split along the pairs over the host's chips."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import SingleDeviceSharding
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from hassod_jax.discovery import crf
 
     kw = dict(cfg.crf)
     fn = jax.jit(lambda images, probs, valid: crf.dense_crf(images, probs, valid, **kw))
-    one = SingleDeviceSharding(host[0])
+    pairs = NamedSharding(Mesh(np.array(host), ("data",)), PartitionSpec("data"))
+    batch = -(-cfg.batch_size // len(host)) * len(host)
     s = jax.ShapeDtypeStruct
-    args = (s((batch, size, size, 3), jnp.uint8, sharding=one),
-            s((batch, labels, size, size), jnp.float32, sharding=one),
-            s((batch, labels), jnp.bool_, sharding=one))
-    return Part("crf", fn, args)
+    args = (s((batch, size, size, 3), jnp.uint8, sharding=pairs),
+            s((batch, labels, size, size), jnp.float32, sharding=pairs),
+            s((batch, labels), jnp.bool_, sharding=pairs))
+    return Part("crf", fn, args, chips=len(host)), batch
 
 
 def build_discovery(devices, opts, which=("vit", "hac", "cut_labels", "crf")):
@@ -430,11 +434,11 @@ def build_discovery(devices, opts, which=("vit", "hac", "cut_labels", "crf")):
     if "hac" in which:
         parts += _hac_parts(cfg, host, batch, grid, dim, "cut_labels" in which)
     labels = pipeline.label_bucket(opts.crf_labels)
-    if "crf" in which:
-        parts.append(_crf_part(cfg, host, batch, size, labels))
     info = dict(per_chip=per_chip, image=(size, size), dtype=opts.dtype or cfg.dtype,
                 host_batch=batch)
     if "crf" in which:
+        part, info["crf_pairs"] = _crf_part(cfg, host, size, labels)
+        parts.append(part)
         info["crf_labels"] = labels
     return parts, info
 
