@@ -440,6 +440,8 @@ def build_discovery(devices, opts, which=("vit", "hac", "cut_labels", "crf")):
         part, info["crf_pairs"] = _crf_part(cfg, host, size, labels)
         parts.append(part)
         info["crf_labels"] = labels
+        if which == ("crf",):  # the row's batch per chip is the CRF's pairs per chip
+            info["per_chip"] = info["crf_pairs"] // len(host)
     return parts, info
 
 
