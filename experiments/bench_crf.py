@@ -1,6 +1,6 @@
-"""Benchmark: dense CRF (HASSOD_SPEC §1.3) in JAX against pydensecrf, ms per image.
+"""Benchmark: dense CRF (docs/recipe.md, Stage 1, step 3) in JAX against pydensecrf, ms per image.
 
-Runs the §1.3 CRF (Gaussian sxy 3 / compat 7, bilateral sxy 50 / srgb 5 / compat 10,
+Runs stage 1's CRF (Gaussian sxy 3 / compat 7, bilateral sxy 50 / srgb 5 / compat 10,
 10 mean-field iterations) on 480x480 images with HAC-like soft masks at several label
 counts: ours on one image and on a batch (jit, float32, compile time excluded), and
 pydensecrf on one image when it is installed (otherwise that column is skipped). Wall time

@@ -100,8 +100,8 @@ def main(argv=None):
     args.batch = args.batch or (args.label + args.unlabel)
     args.steps = args.steps or (5 if gpu else 10)
     if gpu:
-        # 480 x 640 scenes, short side 800 (the most common of §2.2's sizes): 800 x 1067 in the
-        # 800 x 1344 bucket, the shape a COCO image mostly has in training.
+        # 480 x 640 scenes, short side 800 (the most common of the training resize's sizes):
+        # 800 x 1067 in the 800 x 1344 bucket, the shape a COCO image mostly has in training.
         scene, args.short_edge, args.max_size, args.bucket = (480, 640), 800, 1333, (800, 1344)
         args.max_instances = 100
     else:

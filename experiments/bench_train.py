@@ -323,7 +323,7 @@ def main(argv=None):
         scene_size, args.short_edges, args.max_size = (480, 800), (800,), 1333
         args.buckets, args.max_instances = ((800, 1344),), 100
     else:
-        # COCO-like 480 x 640 scenes through the paper's multi-scale resize (§2.2).
+        # COCO-like 480 x 640 scenes through the paper's multi-scale resize.
         from hassod_jax.data import augment
 
         scene_size, args.short_edges, args.max_size = (480, 640), augment.SHORT_EDGES, 1333

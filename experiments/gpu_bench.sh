@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Both stages on one GPU against their PyTorch peers, in ONE device call (issue 32).
+# Both stages on one GPU against their PyTorch peers, in ONE device call.
 #
 # THE DEVICE CALL (the session's `run` tool), prepared and checked on CPU (SMOKE=1, below):
-#   kind:      nvidia-h200 (the issue's targets are H200 figures, and its 139 GiB let the
+#   kind:      nvidia-h200 (the targets are H200 figures, and its 139 GiB let the
 #              float32 Mean Teacher step run at 8 + 8; on an H100 batches are halved to fit)
 #   timeout_s: 600
 #   carry:     [".whl"]

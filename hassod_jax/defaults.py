@@ -1,4 +1,4 @@
-"""Default config trees shared by the files in configs/ (HASSOD_SPEC.md numbers).
+"""Default config trees shared by the files in configs/ (the numbers of docs/recipe.md).
 
 The files in configs/ are thin: they call these and override a few fields, so a variant
 never copies the recipe.
@@ -31,7 +31,7 @@ def detector_fields(**values):
 
 
 def discovery():
-    """Stage 1: DINO ViT-B/8 keys -> HAC -> dense CRF -> coverage tree (HASSOD_SPEC 1.1-1.5)."""
+    """Stage 1: DINO ViT-B/8 keys -> HAC -> dense CRF -> coverage tree (docs/recipe.md, Stage 1)."""
     c = ml_collections.ConfigDict()
     c.mode = "discover"
     c.images = config_dict.placeholder(str)  # folder of images (required)
@@ -84,7 +84,7 @@ def sweep():
 
 def evaluation():
     """Class-agnostic COCO evaluation of a prediction file, by the original HASSOD's protocol
-    (reference/original_stage2.md B.8: maxDets 10/100/1000, every AP at 1000)."""
+    (docs/recipe.md, Evaluation: maxDets 10/100/1000, every AP at 1000)."""
     c = ml_collections.ConfigDict()
     c.mode = "evaluate"
     c.gt_json = config_dict.placeholder(str)  # any COCO-format ground truth
@@ -104,7 +104,7 @@ def evaluation():
 
 
 def training():
-    """Stage 2, initial training on pseudo-labels (HASSOD_SPEC 2.1-2.2; detectron2 defaults)."""
+    """Stage 2, initial training on pseudo-labels (docs/recipe.md, Stage 2; detectron2 defaults)."""
     c = ml_collections.ConfigDict()
     c.mode = "train"
     c.train_json = config_dict.placeholder(str)  # e.g. W1/pseudo_labels/pseudo_labels_hier.json
@@ -200,8 +200,8 @@ def prediction():
 
 
 def mean_teacher():
-    """Stage 2.3, Mean Teacher, as the original runs it (cascade_mask_rcnn_R_50_FPN_MT.yaml and
-    4_mean_teacher.sh; HASSOD_SPEC 2.3)."""
+    """Stage 2.3, Mean Teacher, as the original HASSOD code runs it (its
+    cascade_mask_rcnn_R_50_FPN_MT.yaml and 4_mean_teacher.sh; docs/recipe.md, Mean Teacher)."""
     c = ml_collections.ConfigDict()
     c.mode = "mean_teacher"
     # The stage-2.2 detector both student and teacher start from: a training workdir of ours

@@ -88,7 +88,7 @@ LONGEST_FIRST = (
     "tests/test_predict_mode.py",
     "tests/discovery/test_hac.py",
     "tests/evaluate/test_predict.py",
-    "tests/train/test_untested_paths.py",
+    "tests/train/test_bfloat16_step_and_config_errors.py",
     "tests/weights/test_detectron2.py",
 )
 

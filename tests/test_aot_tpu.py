@@ -1,4 +1,4 @@
-"""The training step and the Mean Teacher step compile for a TPU pod slice (issue 28).
+"""The training step and the Mean Teacher step compile for a TPU pod slice.
 
 libtpu's compile-only devices (`jax.experimental.topologies`, the `test` extra installs libtpu)
 let this CPU-only session run the TPU compiler on the steps as the modes build them

@@ -42,7 +42,8 @@ CONFIGS = os.path.join(REPO, "configs")
 DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-# The published numbers (HASSOD_SPEC.md; x100, class-agnostic, 1000 detections per image).
+# The published numbers (Cao et al., NeurIPS 2023; x100, class-agnostic, 1000 detections per
+# image).
 PAPER_MAIN = {
     "objects365": {"Box AR": 39.0, "Box AP": 11.0, "Mask AR": None, "Mask AP": None},
     "lvis": {"Box AR": 26.9, "Box AP": 4.9, "Mask AR": 22.5, "Mask AP": 4.2},

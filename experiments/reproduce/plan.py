@@ -60,8 +60,8 @@ FIGURES = {
 }
 PUBLISHED = [
     "pseudo-labels: 13.8 s per image on one worker, 1.59 s per image on a 4xA100 node with "
-    "8-16 workers, about a day on four such nodes for COCO (HASSOD_SPEC.md)",
-    "detector: 40k iterations at batch 16, about 20 h on 4xA100 (HASSOD_SPEC.md)",
+    "8-16 workers, about a day on four such nodes for COCO",
+    "detector: 40k iterations at batch 16, about 20 h on 4xA100",
 ]
 
 

@@ -1,4 +1,5 @@
-"""Training augmentations of HASSOD_SPEC.md §2.2, per example, in NumPy with explicit RNGs.
+"""Stage 2's training augmentations (docs/recipe.md, Stage 2: the detector), per example, in
+NumPy with explicit RNGs.
 
 An *example* is a dict of NumPy arrays:
   image:  (H, W, 3) uint8 RGB

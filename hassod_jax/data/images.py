@@ -179,7 +179,7 @@ def normalize_imagenet(img_uint8):
 
 
 def resize_for_dino(img, size=480, return_uint8=False):
-    """(H, W, 3) uint8 -> (size, size, 3) float32 ImageNet-normalised DINO input (§1.1).
+    """(H, W, 3) uint8 -> (size, size, 3) float32 ImageNet-normalised DINO input (stage 1, step 1).
 
     With `return_uint8=True` also returns the resized uint8 image that the CRF uses.
     """

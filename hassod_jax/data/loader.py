@@ -1,6 +1,6 @@
 """Training input pipeline: COCO-format records -> augmented, bucketed, padded NumPy batches.
 
-Design (HASSOD_SPEC.md §2.2; detectron2 defaults where it is silent):
+Design (docs/recipe.md, Stage 2: the detector; detectron2's defaults where HASSOD sets nothing):
 
 * **Records.** `CocoRecords` reads a COCO JSON and an image folder (`tfds_source.py` gives the
   same interface over ArrayRecord files). Crowd annotations are ignored for training and
@@ -70,7 +70,7 @@ from hassod_jax.data import augment
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-# (H, W) buckets. Landscape then portrait; every ResizeShortestEdge output of §2.2 (short side
+# (H, W) buckets. Landscape then portrait; every ResizeShortestEdge output of stage 2 (short side
 # <= 1024, long side <= 1333) fits one of them, so no image is ever refused with the defaults.
 DEFAULT_BUCKETS = (
     (320, 576),
@@ -87,7 +87,7 @@ _PLAN_TAG, _PASTE_TAG, _STRONG_TAG = 0, 1, 2
 
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
-    """Options of the training pipeline (defaults: HASSOD_SPEC.md §2.2 and detectron2)."""
+    """Options of the training pipeline (defaults: the original HASSOD's and detectron2's)."""
 
     global_batch_size: int = 16
     seed: int = 0

@@ -1,4 +1,4 @@
-"""The Mean Teacher's strong view (reference/original_stage2.md A.7), host-side in NumPy + PIL.
+"""The Mean Teacher's strong view (docs/recipe.md, Mean Teacher), host-side in NumPy + PIL.
 
 The strong view is the weak image (uint8 RGB, already resized and flipped) followed, in this
 order, by what the original builds with torchvision (re-implemented here, not copied):

@@ -9,8 +9,8 @@ Ground truth masks are the VISIBLE pixels of each region. A region's visible mas
 its children (a part is inside its object), so: part ⊂ object, subpart ⊂ part. Children are
 kept only while they are clearly smaller than their parent (visible area below
 `MAX_CHILD_FRACTION` of the parent's), which makes the masks' coverage tree at
-θ_cover = 0.9 (HASSOD_SPEC.md §1.4) reproduce the generated levels: objects 0, parts 1,
-subparts 2.
+θ_cover = 0.9 (stage 1's; docs/recipe.md, Stage 1, step 4) reproduce the generated levels:
+objects 0, parts 1, subparts 2.
 """
 
 import os

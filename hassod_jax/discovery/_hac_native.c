@@ -1,4 +1,5 @@
-/* Host (CPU) merge sequence of HASSOD's hierarchical adaptive clustering, HASSOD_SPEC §1.2.
+/* Host (CPU) merge sequence of HASSOD's hierarchical adaptive clustering (docs/recipe.md,
+ * Stage 1, step 2).
  *
  * The same greedy merge as hac.py's jit-compiled loop, for one (h, w, D) float32 feature map,
  * written as the classic sequential algorithm: a binary max-heap of edge similarities with

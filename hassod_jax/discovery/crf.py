@@ -1,8 +1,8 @@
 """Fully connected CRF (Krähenbühl and Koltun 2011) with mean-field inference, in JAX.
 
 Reproduces pydensecrf (``DenseCRF2D`` + ``unary_from_softmax`` + ``addPairwiseGaussian`` +
-``addPairwiseBilateral`` + ``inference``) as HASSOD_SPEC §1.3 uses it (the same call as
-HASSOD/CutLER's ``densecrf``):
+``addPairwiseBilateral`` + ``inference``) as stage 1's refinement uses it (docs/recipe.md,
+Stage 1, step 3; the same call as HASSOD/CutLER's ``densecrf``):
 
 * unary U = -log(clip(P, 1e-5, 1)) (``pydensecrf.utils.unary_from_softmax``; it does not
   renormalise P);
@@ -179,7 +179,7 @@ def dense_crf(
     capacity_bilateral: int | None = None,
     return_overflow: bool = False,
 ):
-    """Dense CRF refinement of soft masks, as pydensecrf computes it (HASSOD_SPEC §1.3).
+    """Dense CRF refinement of soft masks, as pydensecrf computes it (stage 1, step 3).
 
     Args:
       image: uint8 (H, W, 3) or (B, H, W, 3), RGB.

@@ -1,4 +1,4 @@
-"""Hierarchical adaptive clustering (HAC) of a patch-feature map, HASSOD_SPEC §1.2.
+"""Hierarchical adaptive clustering (HAC) of a patch-feature map (docs/recipe.md, Stage 1, step 2).
 
 Greedy merging of 4-adjacent regions by the cosine similarity of their summed features.
 All thresholds are cuts of ONE merge sequence: `merge_sequence` records every merge of a
@@ -313,7 +313,7 @@ def _use_host(features, backend: str | None) -> bool:
 
 
 def merge_sequence(features: jax.Array, chunk: int | None = None) -> MergeSequence:
-    """Records the whole greedy merge sequence of one feature map (HASSOD_SPEC §1.2).
+    """Records the whole greedy merge sequence of one feature map (the module docstring's merge).
 
     Jit-compiled once per shape; `jax.vmap`-able (see `merge_sequence_batch`).
 

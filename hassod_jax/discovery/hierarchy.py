@@ -1,4 +1,5 @@
-"""The whole / part / subpart tree of an image's masks by coverage, HASSOD_SPEC §1.4.
+"""The whole / part / subpart tree of an image's masks by coverage (docs/recipe.md, Stage 1,
+step 4).
 
 cov(a in b) = |a ∩ b| / |a| (0 for an empty a). The parent of a is, among masks b != a with
 cov(a in b) >= θ and cov(b in a) < θ, the one with the smallest area (first index on ties);
@@ -222,7 +223,7 @@ def _parents_from_intersections(inter, area, valid, coverage, xp, dtype):
 
 
 def hierarchy_levels(masks, coverage: float = 0.9):
-    """Hierarchy levels and parents of an image's masks (HASSOD_SPEC §1.4).
+    """Hierarchy levels and parents of an image's masks (the coverage tree of the module docstring).
 
     Args:
       masks: (N, H, W) bool (or 0/1) array, N >= 0.
@@ -231,7 +232,7 @@ def hierarchy_levels(masks, coverage: float = 0.9):
     Returns:
       (levels, parents): (N,) int32 NumPy arrays; levels in {0, 1, 2}; parents the index of
       each mask's parent, -1 for roots. Coverages are compared in float64, exactly as a
-      NumPy transcription of the spec would.
+      float64 NumPy transcription of the rule above would.
     """
     _check_masks(masks)
     _check_coverage(coverage)

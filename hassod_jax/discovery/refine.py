@@ -1,4 +1,4 @@
-"""Refinement of one threshold's HAC regions into COCO masks (HASSOD_SPEC.md §1.3).
+"""Refinement of one threshold's HAC regions into COCO masks (docs/recipe.md, Stage 1, step 3).
 
 Order of operations, as in HASSOD's `hac/hac.py` and `hac/crf.py`:
   1. P = bilinear upsample of the (R, h, w) one-hot region masks to the 480x480 image

@@ -1,8 +1,8 @@
 """Class-agnostic COCO evaluation with pycocotools COCOeval, by the original HASSOD's protocol.
 
-The original protocol (reference/original_stage2.md B.8 and C.6: detectron2's COCOEvaluator
-as HASSOD modifies it, `top1000=True`) is the default, and by default nothing else is
-reported:
+The original protocol (docs/recipe.md, Evaluation; in the original HASSOD code, detectron2's
+COCOEvaluator as HASSOD modifies it, `top1000=True`) is the default, and by default nothing
+else is reported:
 - pycocotools COCOeval with `params.maxDets = [10, 100, 1000]`;
 - AP, AP50, AP75, APs, APm, APl, all at maxDets = 1000 (the original's `COCOevalMaxDets`
   reads every AP at maxDets[2]; pycocotools' own `summarize()` would read AP, and only AP, at

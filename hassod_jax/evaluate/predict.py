@@ -1,4 +1,5 @@
-"""Detector inference on image files -> class-agnostic COCO result dicts (HASSOD_SPEC.md §2.4).
+"""Detector inference on image files -> class-agnostic COCO result dicts (docs/recipe.md,
+"Using the detector").
 
 Follows detectron2's test-time path (re-implemented, not copied):
 

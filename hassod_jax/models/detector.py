@@ -1,4 +1,4 @@
-"""Class-agnostic Cascade Mask R-CNN with a hierarchy-level head (HASSOD_SPEC.md §2.1).
+"""Class-agnostic Cascade Mask R-CNN with a hierarchy-level head (docs/recipe.md, Stage 2).
 
 One flax.linen module, `CascadeMaskRCNN`, with static shapes throughout so one `jax.jit`
 runs it on CPU, GPU or TPU, sharded over the batch axis of a `Mesh`:
@@ -48,7 +48,7 @@ def normalize_images(images):
 
 @dataclasses.dataclass(frozen=True)
 class DetectorConfig:
-    """Static configuration; the defaults are HASSOD_SPEC.md §2.1 (ResNet-50-FPN)."""
+    """Static configuration; the defaults are the original HASSOD detector's (ResNet-50-FPN)."""
 
     resnet: ResNetConfig = RESNET50
     fpn_channels: int = 256
@@ -90,7 +90,7 @@ class DetectorConfig:
     mask_max_fg: int | None = None
     num_levels: int = 3
     # Weight of each stage's level loss (the original's `loss_weight.get('loss_level', 1.0)`).
-    # 0 is the paper's "plain" ablation row (HASSOD_SPEC 2.3; PRED_LEVEL False): no gradient
+    # 0 is the paper's "plain" ablation row (the original's PRED_LEVEL False): no gradient
     # reaches any shared weight from the level head, so every box, score and mask is that of a
     # detector without one; only its (then untrained) level outputs remain.
     level_loss_weight: float = 1.0

@@ -1,4 +1,4 @@
-"""Feature pyramid network (HASSOD_SPEC.md §2.1; detectron2 `modeling/backbone/fpn.py`).
+"""Feature pyramid network (docs/recipe.md, Stage 2; detectron2 `modeling/backbone/fpn.py`).
 
 P2..P5 from res2..res5 with a 1x1 lateral conv and a 3x3 output conv per level, each
 followed by (synchronised) batch norm, nearest-neighbour 2x top-down upsampling, and P6 as

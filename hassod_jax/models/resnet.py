@@ -1,4 +1,4 @@
-"""ResNet backbone (HASSOD_SPEC.md §2.1) in flax.linen, NHWC, with its DINO weight loader.
+"""ResNet backbone (docs/recipe.md, Stage 2) in flax.linen, NHWC, with its DINO weight loader.
 
 The architecture is torchvision's / detectron2's ResNet-50 "v1.5": the stride of a
 bottleneck block sits in its 3x3 conv, the stem is conv7x7/2 + BN + ReLU + maxpool3x3/2,

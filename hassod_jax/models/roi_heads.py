@@ -1,4 +1,4 @@
-"""Cascade box heads, mask head and hierarchy-level head (HASSOD_SPEC.md §2.1).
+"""Cascade box heads, mask head and hierarchy-level head (docs/recipe.md, Stage 2).
 
 Laid out like detectron2's `modeling/roi_heads/cascade_rcnn.py`, `box_head.py`,
 `fast_rcnn.py` and `mask_head.py` (re-implemented with static shapes): per-stage IoU

@@ -1,4 +1,4 @@
-"""Region proposal network (HASSOD_SPEC.md §2.1; detectron2 `modeling/proposal_generator/
+"""Region proposal network (docs/recipe.md, Stage 2; detectron2 `modeling/proposal_generator/
 rpn.py` and `proposal_utils.py`, re-implemented with static shapes).
 
 Anchors of one level are ordered (y, x, anchor) like detectron2, which is also the order

@@ -1,7 +1,7 @@
 """DINO Vision Transformer (ViT-S/16, S/8, B/16, B/8) in flax.linen, with its weight loader.
 
 Architecture as in DINO's ``vision_transformer.py`` (Caron et al. 2021, public code of
-facebookresearch/dino) and HASSOD_SPEC.md §1.1: pre-norm blocks, LayerNorm eps 1e-6,
+facebookresearch/dino; docs/recipe.md, Stage 1, step 1): pre-norm blocks, LayerNorm eps 1e-6,
 exact (erf) GELU, qkv bias, attention scale head_dim**-0.5, a CLS token and learned
 position embeddings that are resized the DINO way for other image sizes.
 

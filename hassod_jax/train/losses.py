@@ -1,4 +1,4 @@
-"""Detector losses (HASSOD_SPEC.md §2.1), normalised as detectron2 does.
+"""Detector losses (docs/recipe.md, Stage 2: the detector), normalised as detectron2 does.
 
 All functions take padded, static-shape arrays with explicit masks:
 - RPN (detectron2 `RPN.losses`): objectness BCE summed over the sampled anchors and box L1

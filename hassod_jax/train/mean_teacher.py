@@ -1,5 +1,5 @@
-"""mode=mean_teacher: HASSOD's Mean Teacher self-training (HASSOD_SPEC 2.3), as the original
-code runs it (engine/mt_trainer.py, read line by line in our docs):
+"""mode=mean_teacher: HASSOD's Mean Teacher self-training (docs/recipe.md, Mean Teacher), as
+the original HASSOD code runs it (its engine/mt_trainer.py):
 
 - the student and the teacher start as the stage-2.2 detector; the optimizer starts fresh;
 - each step begins with the EMA, teacher <- keep * teacher + (1 - keep) * student over the

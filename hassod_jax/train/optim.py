@@ -1,4 +1,4 @@
-"""The detector's optimizer as detectron2 builds it for HASSOD (HASSOD_SPEC 2.2).
+"""The detector's optimizer as detectron2 builds it for HASSOD (docs/recipe.md, Stage 2).
 
 SGD with momentum 0.9, weight decay 5e-5 (none on normalisation parameters, detectron2's
 WEIGHT_DECAY_NORM = 0), and each parameter tensor's gradient clipped to L2 norm 1.0 on its own

@@ -1,4 +1,4 @@
-"""mode=train: the Cascade Mask R-CNN on stage-1 pseudo-labels (HASSOD_SPEC 2.2).
+"""mode=train: the Cascade Mask R-CNN on stage-1 pseudo-labels (docs/recipe.md, Stage 2).
 
 One jitted step over a Mesh whose `data` axis spans every device of every process: the batch
 is sharded along it, the train state is replicated, so batch-norm statistics computed inside

@@ -1,4 +1,5 @@
-"""Augmentations (HASSOD_SPEC.md §2.2) on crafted inputs, against detectron2's rules and torch."""
+"""Stage 2's augmentations (docs/recipe.md, Stage 2) on crafted inputs, against detectron2's
+rules and torch."""
 
 import numpy as np
 import pytest

@@ -95,7 +95,7 @@ def test_choose_bucket():
     assert loader.choose_bucket(1024, 1333, b) == 3
     with pytest.raises(ValueError, match="no bucket holds a 1100x600"):
         loader.choose_bucket(1100, 600, b)
-    # Every §2.2 resize output fits the default buckets.
+    # Every output of stage 2's training resize fits the default buckets.
     for h, w in [(480, 640), (640, 480), (100, 3000), (3000, 100), (500, 500)]:
         for s in augment.SHORT_EDGES:
             nh, nw = augment.resize_output_shape(h, w, s, 1333)

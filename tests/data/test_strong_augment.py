@@ -1,4 +1,5 @@
-"""The Mean Teacher's strong view (reference/original_stage2.md A.7) against torchvision and PIL.
+"""The Mean Teacher's strong view (docs/recipe.md, Mean Teacher; every parameter in
+hassod_jax/data/strong_augment.py's docstring) against torchvision and PIL.
 
 Every op with fixed parameters is compared bit for bit with torchvision.transforms.functional on
 PIL images; the whole chain is replayed through the original's torchvision pipeline (ColorJitter,
@@ -110,7 +111,8 @@ def test_grayscale_vs_torchvision(i):
 
 
 class OriginalGaussianBlur:
-    """The original's GaussianBlur (augmentation_impl.py:619-634), as A.7 describes it."""
+    """The original's GaussianBlur (augmentation_impl.py:619-634 of the original HASSOD code):
+    PIL's ImageFilter.GaussianBlur(radius=sigma), sigma ~ U(0.1, 2.0)."""
 
     def __init__(self, sigma=(0.1, 2.0)):
         self.sigma = sigma
@@ -334,7 +336,7 @@ def test_random_erasing_distribution_matches_torchvision(spec, hw):
 
 
 def original_strong_pipeline():
-    """detection_utils.py:662-699 as A.7 gives it."""
+    """The original's strong pipeline (detection_utils.py:662-699 of the original HASSOD code)."""
     augmentation = T.Compose(
         [
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),

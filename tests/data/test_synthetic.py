@@ -1,4 +1,4 @@
-"""Generated scenes: masks, nesting, levels coherent with the §1.4 coverage tree, COCO JSON."""
+"""Generated scenes: masks, nesting, levels coherent with stage 1's coverage tree, COCO JSON."""
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -7,7 +7,8 @@ from hassod_jax.data import images, synthetic
 
 
 def coverage_levels(masks, theta=0.9):
-    """Float64 NumPy transcription of HASSOD_SPEC.md §1.4 (parent = smallest covering mask)."""
+    """Float64 NumPy transcription of the coverage tree (docs/recipe.md, Stage 1, step 4): the
+    parent of a is the smallest b != a with cov(a in b) >= θ and cov(b in a) < θ."""
     n = len(masks)
     flat = masks.reshape(n, -1).astype(np.float64)
     area = flat.sum(1)

@@ -1,8 +1,17 @@
-"""Float64 NumPy transcription of HASSOD_SPEC §1.2 (HAC) and §1.4 (coverage tree).
+"""Float64 NumPy transcription of HAC and of the coverage tree (docs/recipe.md, Stage 1, steps
+2 and 4).
+
+HAC, as transcribed here: every patch of an (h, w, D) map starts as a region with feature sum
+s = f and direction a = s / max(|s|, 1e-12); 4-adjacent regions are joined by an edge of
+similarity a_r . a_t. The edge of largest similarity is merged again and again (sums add, the
+direction comes from the new sum, the neighbours are the union of both regions'), down to one
+region. The partition for a threshold θ is the state just before the first merge whose
+similarity is below θ (similarities are not monotone along the sequence, so this is not "every
+merge at or above θ"). The coverage tree is `reference_hierarchy`'s docstring.
 
 Written for clarity, not speed, as the oracle of tests/discovery/test_hac.py and
 test_hierarchy.py; it shares no code with hassod_jax. The greedy loop uses a heap with lazy
-deletion only so that a 60x60 map takes seconds; its decisions are exactly §1.2's: take the
+deletion only so that a 60x60 map takes seconds; its decisions are exactly the rule's: take the
 edge of largest similarity, merge, recompute the similarities of the merged region.
 Region ids follow the same convention as hassod_jax (a region is named by its smallest patch
 index), so merge sequences can be compared step by step.
@@ -25,7 +34,7 @@ def _sim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def reference_merge_sequence(features: np.ndarray):
-    """All merges of §1.2's greedy loop (run down to one region), in float64.
+    """All merges of HAC's greedy loop (run down to one region), in float64.
 
     Args:
       features: (h, w, D) array.
@@ -106,14 +115,14 @@ def reference_masks(merges, h: int, w: int, n_kept: int) -> list[np.ndarray]:
 
 
 def reference_partitions(features: np.ndarray, thresholds) -> list[list[np.ndarray]]:
-    """§1.2 end to end: one list of region masks per threshold, in the given order."""
+    """HAC end to end: one list of region masks per threshold, in the given order."""
     h, w, _ = features.shape
     merges, _ = reference_merge_sequence(features)
     return [reference_masks(merges, h, w, reference_cut(merges, h * w, t)) for t in thresholds]
 
 
 def reference_hierarchy(masks: np.ndarray, coverage: float = 0.9):
-    """§1.4 with explicit loops: (levels, parents) for (N, H, W) bool masks.
+    """The coverage tree with explicit loops: (levels, parents) for (N, H, W) bool masks.
 
     cov(a in b) = |a ∩ b| / |a| in float64 (0 for an empty a). Parent of a: among b != a
     with cov(a in b) >= θ and cov(b in a) < θ, the smallest area, first index on ties.

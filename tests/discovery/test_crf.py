@@ -2,7 +2,7 @@
 
 Unaries are HAC-like: a coarse region map (superpixels of a downsampled photo, or a
 block-majority map of a generated scene with label noise), one-hot, upsampled bilinearly
-(align_corners False, as HASSOD_SPEC §1.3 step 1; `refine.upsample_masks`, itself checked
+(align_corners False, as stage 1's refinement does; `refine.upsample_masks`, itself checked
 against torch in test_refine.py) to soft masks.
 
 Only the tests that compare with pydensecrf need it (the `pydensecrf` fixture skips them when
@@ -76,7 +76,7 @@ def _scene(h, w, n_regions, rng, grid=8):
 
 
 def _kept(p, q):
-    """§1.3 steps 1-3: B1 = P >= 0.5, B2 = Q >= 0.5, keep if IoU(B1, B2) >= 0.5."""
+    """Refinement's keep rule: B1 = P >= 0.5, B2 = Q >= 0.5, keep if IoU(B1, B2) >= 0.5."""
     b1, b2 = p >= 0.5, q >= 0.5
     inter = (b1 & b2).sum((1, 2))
     union = (b1 | b2).sum((1, 2))

@@ -1,4 +1,4 @@
-"""HAC (HASSOD_SPEC §1.2) against the float64 NumPy oracle in hac_reference.py.
+"""HAC (docs/recipe.md, Stage 1, step 2) against the float64 NumPy oracle in hac_reference.py.
 
 Float32 (JAX) and float64 (oracle) may legitimately order near-ties differently. A partition
 may therefore differ from the oracle's only where the oracle itself is within `_TIE` of a
@@ -290,7 +290,7 @@ def _exact_maps():
     o = [1.0, 1.0, -1.0, -1.0]  # cos(a, o) = 0
     up = np.nextafter(0.5, 1.0)  # the float64 just above 0.5: rounds to a float32 above 0.5
     return {
-        # §1.2: θ <= -1 merges everything, even exactly opposite features (cos = -1).
+        # θ <= -1 merges everything, even exactly opposite features (cos = -1).
         "opposite_2x1": (
             np.array([[[1.0, 0.0]], [[-1.0, 0.0]]]),
             [-1.0],

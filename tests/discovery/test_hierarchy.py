@@ -1,4 +1,5 @@
-"""The coverage tree (HASSOD_SPEC §1.4) against the float64 loops of hac_reference.py."""
+"""The coverage tree (docs/recipe.md, Stage 1, step 4) against the float64 loops of
+hac_reference.py."""
 
 import os
 import sys

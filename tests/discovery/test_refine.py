@@ -1,4 +1,5 @@
-"""§1.3 refinement steps against torch interpolate, scipy and pycocotools."""
+"""Stage 1's refinement steps (docs/recipe.md, Stage 1, step 3) against torch interpolate,
+scipy and pycocotools."""
 
 import numpy as np
 import pycocotools.mask as mask_utils

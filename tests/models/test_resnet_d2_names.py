@@ -1,6 +1,7 @@
 """The detectron2-format ResNet-50 `.pkl` (`dino_RN50_pretrain_d2_format.pkl`) against an
 INDEPENDENT list of names: the `backbone.bottom_up.*` tensors of a trained HASSOD checkpoint
-(`shared/reference/hassod_checkpoint_keys.txt`, written from the real file, not by our code).
+(`hassod_checkpoint_keys.txt` in the reference folder below, written from the real file, not by
+our code).
 
 Without `num_batches_tracked` those are exactly detectron2's ResNet names. The test writes a
 `{"model": {name: array}}` pickle with random arrays of the listed names and shapes, loads it
@@ -13,7 +14,8 @@ the same res2..res5 features as our model loaded from the pickle. The renaming h
 independently of `hassod_jax.models.resnet`'s.
 
 The reference folder is `HASSOD_REFERENCE_DIR`, else `../shared/reference` beside the
-repository; without it the test skips naming the file (a failure under CI=true).
+repository (the developers' copy; a clone has none); without it the test skips naming the
+file (a failure under CI=true).
 """
 
 import os

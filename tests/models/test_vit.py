@@ -104,7 +104,8 @@ def test_pos_embed_same_grid_is_unchanged():
 
 
 def test_jax_image_resize_differs():
-    """The spec's warning holds: jax.image.resize (Keys a=-0.5) is not DINO's resize."""
+    """jax.image.resize (Keys a=-0.5) is not DINO's resize (PyTorch bicubic, A=-0.75): using it
+    would change the position embeddings."""
     grid = np.random.default_rng(1).normal(size=(14, 14, 4)).astype(np.float32)
     pos = jnp.asarray(np.concatenate([np.zeros((1, 4)), grid.reshape(-1, 4)])[None], jnp.float32)
     ours = np.asarray(interpolate_pos_embed(pos, 30, 30))[0, 1:].reshape(30, 30, 4)

@@ -1,11 +1,11 @@
-"""Items of the stage-2 recipe that the reference note (section C) lists and we already follow,
-stated as tests against the original's definitions:
+"""Items of the stage-2 recipe that detectron2 (its defaults and its code) decides, not HASSOD's
+own configs (docs/recipe.md, Stage 2), stated as tests against the original's definitions:
 
-- C.15: weight decay 0 on every norm-layer parameter (detectron2 WEIGHT_DECAY_NORM 0.0), and
+- weight decay 0 on every norm-layer parameter (detectron2 WEIGHT_DECAY_NORM 0.0), and
   5e-5 on every other parameter, biases included;
-- B.5 / C.20: P6 = `max_pool2d(P5, kernel_size=1, stride=2)` (LastLevelMaxPool), checked
+- P6 = `max_pool2d(P5, kernel_size=1, stride=2)` (LastLevelMaxPool), checked
   against torch;
-- B.5 / C.20: loss normalisers: RPN objectness BCE and box L1 (smooth-L1 with beta 0) both
+- loss normalisers: RPN objectness BCE and box L1 (smooth-L1 with beta 0) both
   divided by 256 x #images; Fast R-CNN box L1 divided by the number of sampled proposals
   (detectron2 `FastRCNNOutputLayers.box_reg_loss`: `/ max(gt_classes.numel(), 1.0)`) and its
   CE averaged over them, checked against torch's losses in float64.

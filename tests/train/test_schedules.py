@@ -88,7 +88,7 @@ def load_config(path):
     return mod.get_config()
 
 
-def original_stage22_lr(t):
+def original_train_lr(t):
     """HASSOD stage 2.2: cascade yaml SOLVER (BASE_LR 0.01, STEPS (80000,), GAMMA 0.02) with
     the launch script's MAX_ITER 40000, detectron2's WARMUP_ITERS 1000 / WARMUP_FACTOR 0.001."""
     return d2_lr(t, 0.01, 40000, steps=(80000,), gamma=0.02)
@@ -99,7 +99,7 @@ def schedule_table(config, steps=TABLE_STEPS):
     from hassod_jax.train import supervised
 
     _, sched = supervised.make_optimizer(config)
-    return [(t, float(sched(t)), original_stage22_lr(t)) for t in steps]
+    return [(t, float(sched(t)), original_train_lr(t)) for t in steps]
 
 
 def format_table(rows):
@@ -110,13 +110,14 @@ def format_table(rows):
 
 
 def test_reference_reproduces_the_measured_detectron2_values():
-    # Reference note A.9: detectron2's WarmupParamScheduler run for Mean Teacher's
-    # WarmupCosineLR (BASE_LR 0.01, MAX_ITER 2000, WARMUP_ITERS 1000).
+    # detectron2's WarmupParamScheduler, run for the original Mean Teacher's WarmupCosineLR
+    # (BASE_LR 0.01, MAX_ITER 2000, WARMUP_ITERS 1000), gave lr(0) = 1e-5, lr(500) = 0.0025,
+    # lr(1000) = 0.005, lr(1500) = 0.00146 and lr(1999) ~ 0.
     def mt(t):
         return d2_lr(t, 0.01, 2000, name="WarmupCosineLR")
 
     assert mt(0) == pytest.approx(1e-5, rel=1e-12)
-    # The note quotes these rounded: 0.0025 and 0.00146 (to half a unit of the last digit).
+    # 0.0025 and 0.00146 are rounded (to half a unit of the last digit).
     assert mt(500) == pytest.approx(0.0025, abs=5e-6)
     assert mt(1000) == pytest.approx(0.005, rel=1e-12)
     assert mt(1500) == pytest.approx(0.00146, abs=5e-6)
@@ -141,7 +142,7 @@ def test_stage22_default_schedule_is_the_originals(capsys):
     _, sched = __import__("hassod_jax.train.supervised", fromlist=["x"]).make_optimizer(config)
     t = np.arange(0, config.max_iter)
     ours = np.asarray(sched(t))
-    ref = np.array([original_stage22_lr(int(s)) for s in t])
+    ref = np.array([original_train_lr(int(s)) for s in t])
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
 
 

@@ -27,7 +27,9 @@ TRAIN = {
     "model.rpn_pre_nms_topk_train": 64,
     "model.rpn_post_nms_topk_train": 64,
     "model.roi_batch_size_per_image": 32,
-    "dtype": "float32",  # bitwise resume and PreciseBN checks; bfloat16 is test_untested_paths'
+    # float32 for the bitwise resume and PreciseBN checks; the bfloat16 step is tested in
+    # test_bfloat16_step_and_config_errors.py.
+    "dtype": "float32",
     "batch_size": 2,
     **_RUN,
     **_DATA,

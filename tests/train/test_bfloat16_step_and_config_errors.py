@@ -1,4 +1,4 @@
-"""Paths no other test exercised (issue 16): a bfloat16 training step (the default `dtype` of
+"""Paths no other test exercises: a bfloat16 training step (the default `dtype` of
 `configs/train_coco.py`, while every other training test forces float32) and the error paths of
 `supervised.train`, `supervised.build_model` and `evaluate.predict.predict`, each with one clear
 message raised before any work is done."""
