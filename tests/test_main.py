@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from hassod_jax import main, utils
+from hassod_jax import main, modes, utils
+from hassod_jax.cli import run_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,13 +27,13 @@ def _run(*args, timeout=120):
 
 def test_unknown_mode_names_the_valid_ones():
     with pytest.raises(ValueError, match="discover") as e:
-        main.resolve_mode("dicsover")
+        modes.resolve_mode("dicsover")
     assert "sweep" in str(e.value) and "dicsover" in str(e.value)
 
 
 def test_every_mode_resolves_to_a_run_function():
-    for mode in main.MODES:
-        assert callable(main.resolve_mode(mode)), mode
+    for mode in modes.MODES:
+        assert callable(modes.resolve_mode(mode)), mode
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
@@ -43,7 +44,7 @@ def test_configs_load_and_are_locked(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    assert config.mode in main.MODES
+    assert config.mode in modes.MODES
     config.lock()  # what --config with lock_config=True does
     with pytest.raises(AttributeError):
         config.no_such_field = 1
@@ -183,7 +184,7 @@ def test_missing_config_file_and_workdir_are_one_line(tmp_path):
 def test_unknown_mode_is_one_line_listing_the_modes(tmp_path):
     r = _run("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.mode=dicsover")
     line = _one_line_error(r)
-    assert "dicsover" in line and all(m in line for m in main.MODES)
+    assert "dicsover" in line and all(m in line for m in modes.MODES)
 
 
 def test_extra_arguments_and_a_config_without_mode_are_one_line(tmp_path):
@@ -196,16 +197,16 @@ def test_extra_arguments_and_a_config_without_mode_are_one_line(tmp_path):
         "    return ml_collections.ConfigDict({'images': 'x'})\n"
     )
     line = _one_line_error(_run("--config", str(cfg), "--workdir", str(tmp_path / "w")))
-    assert "no 'mode' field" in line and all(m in line for m in main.MODES)
+    assert "no 'mode' field" in line and all(m in line for m in modes.MODES)
     assert not (tmp_path / "w").exists()  # nothing written for a run that never started
 
 
 def test_help_lists_the_modes():
     r = _run("--help")
     assert r.returncode == 0, r.stderr
-    for mode in main.MODES:
+    for mode in modes.MODES:
         assert mode in r.stdout
-    assert "predict" in main.MODES and "--config" in r.stdout and "--workdir" in r.stdout
+    assert "predict" in modes.MODES and "--config" in r.stdout and "--workdir" in r.stdout
 
 
 def test_help_with_a_config_lists_its_fields_values_and_comments():
@@ -271,11 +272,11 @@ def test_library_info_logs_are_filtered_unless_asked():
 
     ours = os.path.join(os.path.dirname(main.__file__), "train", "x.py")
     lib = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
-    f = main.LibraryLogFilter("warning")
+    f = run_files.LibraryLogFilter("warning")
     assert f.filter(record(ours, py_logging.INFO))
     assert not f.filter(record(lib, py_logging.INFO))
     assert f.filter(record(lib, py_logging.WARNING))
-    assert main.LibraryLogFilter("info").filter(record(lib, py_logging.INFO))
+    assert run_files.LibraryLogFilter("info").filter(record(lib, py_logging.INFO))
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
@@ -320,8 +321,8 @@ def test_readme_claims_no_mode_that_is_not_implemented():
 
     text = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
     for mode in re.findall(r"`mode=(\w+)`", text) + re.findall(r"\| `(\w+)` \|", text):
-        assert mode in main.MODES, mode
-    if "mean_teacher" not in main.MODES:
+        assert mode in modes.MODES, mode
+    if "mean_teacher" not in modes.MODES:
         for sentence in re.split(r"(?<=[.!?])\s", text):
             if "Mean Teacher" in sentence:
                 assert "not implemented" in sentence, sentence

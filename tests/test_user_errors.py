@@ -1,6 +1,6 @@
 """Bad input to each mode is a user error: `main` shows it as one line naming the file or the
 flag and exits 2 (no traceback). Each case runs the mode's own code on a small bad input and
-asks `main.is_user_error` how the command line would show what it raises; one case runs the
+asks `errors.is_user_error` how the command line would show what it raises; one case runs the
 command line itself."""
 
 import json
@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from hassod_jax import defaults, main
+from hassod_jax import defaults
+from hassod_jax.cli import errors
 from tests.test_main import _one_line_error, _run
 
 
@@ -23,7 +24,7 @@ def _user_error(fn, *args):
     """The exception `fn(*args)` raises, which must be a user error with a one-line message."""
     with pytest.raises(Exception) as e:
         fn(*args)
-    assert main.is_user_error(e.value), f"{type(e.value).__name__}: {e.value}"
+    assert errors.is_user_error(e.value), f"{type(e.value).__name__}: {e.value}"
     assert "\n" not in str(e.value)
     return str(e.value)
 
