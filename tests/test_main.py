@@ -36,6 +36,15 @@ def test_every_mode_resolves_to_a_run_function():
         assert callable(modes.resolve_mode(mode)), mode
 
 
+def test_each_modes_config_file_sets_that_mode():
+    # --help names one config file per mode: that file must exist and select the mode.
+    from hassod_jax.cli.flags import load_config_file
+
+    for name, mode in modes.MODES.items():
+        path = os.path.join(ROOT, mode.config)
+        assert load_config_file(path).mode == name, (name, mode.config)
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_configs_load_and_are_locked(path):
     import importlib.util

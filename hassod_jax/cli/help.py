@@ -7,7 +7,7 @@ import sys
 import tokenize
 
 from hassod_jax.cli.flags import FLAGS, LIBRARY_LOG_LEVELS, flag_value, field_paths, parse_flags
-from hassod_jax.modes import MODE_HELP, MODES
+from hassod_jax.modes import MODES
 
 
 def wants_help(argv):
@@ -134,9 +134,8 @@ def general_help():
         "HASSOD in JAX. config.mode (set by the config file) picks what runs:",
         "",
     ]
-    for mode in MODES:
-        path, what = MODE_HELP.get(mode, ("", ""))
-        lines.append(f"  {mode:<20} {path:<32} {what}")
+    for name, mode in MODES.items():
+        lines.append(f"  {name:<20} {mode.config:<32} {mode.help}")
     lines += [
         "",
         "flags:",

@@ -1,51 +1,64 @@
 """The modes: config.mode -> the function that runs it, and the config file that sets it."""
 
 import importlib
+from typing import NamedTuple
 
-# mode -> "module:function". The module is imported only when its mode runs.
+
+class Mode(NamedTuple):
+    run: str  # "module:function": imported only when the mode runs
+    config: str  # the config file that sets the mode (for --help)
+    help: str  # what it does (for --help)
+
+
 MODES = {
-    "discover": "hassod_jax.discovery.pipeline:run",
-    "sweep": "hassod_jax.discovery.pipeline:run_sweep",
-    "merge_pseudo_labels": "hassod_jax.discovery.pipeline:run_merge",
-    "demo": "hassod_jax.demo:run",
-    "train": "hassod_jax.train.supervised:run",
-    "mean_teacher": "hassod_jax.train.mean_teacher:run",
-    "prepare_gt": "hassod_jax.data.prepare_gt:run",
-    "evaluate": "hassod_jax.evaluate.coco_eval:run",
-    "predict": "hassod_jax.evaluate.predict:run",
-}
-
-# mode -> (the config file that sets it, what it does), for --help.
-MODE_HELP = {
-    "demo": (
-        "configs/demo.py",
-        "the embedded default: stage 1 on generated scenes and photos, "
-        "a short detector run, metrics and pictures; no downloads",
-    ),
-    "discover": (
+    "discover": Mode(
+        "hassod_jax.discovery.pipeline:run",
         "configs/discover_coco.py",
         "stage 1: a folder of images -> hierarchical pseudo-labels (resumable, shardable)",
     ),
-    "sweep": (
+    "sweep": Mode(
+        "hassod_jax.discovery.pipeline:run_sweep",
         "configs/sweep_thresholds.py",
-        "many HAC thresholds from one merge sequence per "
-        "image; statistics, AR/AP with ground truth, a plot",
+        (
+            "many HAC thresholds from one merge sequence per image; statistics, AR/AP with ground"
+            " truth, a plot"
+        ),
     ),
-    "merge_pseudo_labels": (
+    "merge_pseudo_labels": Mode(
+        "hassod_jax.discovery.pipeline:run_merge",
         "configs/merge_pseudo_labels.py",
         "joins the shards of independent discovery jobs",
     ),
-    "train": ("configs/train_coco.py", "stage 2: Cascade Mask R-CNN on the pseudo-labels"),
-    "mean_teacher": (
+    "demo": Mode(
+        "hassod_jax.demo:run",
+        "configs/demo.py",
+        (
+            "the embedded default: stage 1 on generated scenes and photos, a short detector run, "
+            "metrics and pictures; no downloads"
+        ),
+    ),
+    "train": Mode(
+        "hassod_jax.train.supervised:run",
+        "configs/train_coco.py",
+        "stage 2: Cascade Mask R-CNN on the pseudo-labels",
+    ),
+    "mean_teacher": Mode(
+        "hassod_jax.train.mean_teacher:run",
         "configs/mean_teacher_coco.py",
         "stage 2, second part: Mean Teacher self-training from a trained detector",
     ),
-    "evaluate": ("configs/evaluate.py", "class-agnostic COCO AP/AR of a prediction file"),
-    "prepare_gt": (
+    "prepare_gt": Mode(
+        "hassod_jax.data.prepare_gt:run",
         "configs/prepare_gt.py",
         "class-agnostic ground truth from COCO, LVIS, Objects365, SA-1B, UVO or KITTI files",
     ),
-    "predict": (
+    "evaluate": Mode(
+        "hassod_jax.evaluate.coco_eval:run",
+        "configs/evaluate.py",
+        "class-agnostic COCO AP/AR of a prediction file",
+    ),
+    "predict": Mode(
+        "hassod_jax.evaluate.predict:run",
         "configs/predict.py",
         "a trained detector on your images: predictions.json and pictures",
     ),
@@ -58,5 +71,5 @@ def resolve_mode(mode):
         raise ValueError(
             f"Unknown config.mode {mode!r}; set --config.mode to one of: {', '.join(sorted(MODES))}"
         )
-    module_name, fn_name = MODES[mode].split(":")
+    module_name, fn_name = MODES[mode].run.split(":")
     return getattr(importlib.import_module(module_name), fn_name)
