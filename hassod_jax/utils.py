@@ -143,3 +143,8 @@ class Progress:
             f"{self.done}/{self.total} {self.name}, {rate:.2f} {self.name}/s, "
             f"ETA {left:.0f} s" + (f" [{shares}]" if shares else "")
         )
+
+
+def threshold_name(theta):
+    """File-name form of a threshold: 0.4 -> '0.4', 0.05 -> '0.05'."""
+    return f"{float(theta):g}"

@@ -10,6 +10,7 @@ import pytest
 
 from hassod_jax import defaults
 from hassod_jax.cli import errors
+from hassod_jax.modes import discovery as discovery_modes
 from tests.test_main import _one_line_error, _run
 
 
@@ -148,10 +149,10 @@ def test_merge_of_mixed_or_unfinished_shards(tmp_path):
 
     work = tmp_path / "pseudo_labels" / "work"
     os.makedirs(work / "shard_0000_of_0002")
-    msg = _user_error(pipeline.run_merge, _discovery_config(tmp_path), str(tmp_path))
+    msg = _user_error(discovery_modes.run_merge, _discovery_config(tmp_path), str(tmp_path))
     assert "not finished" in msg and "--config.job_index" in msg
     os.makedirs(work / "shard_0000_of_0003")
-    msg = _user_error(pipeline.run_merge, _discovery_config(tmp_path), str(tmp_path))
+    msg = _user_error(discovery_modes.run_merge, _discovery_config(tmp_path), str(tmp_path))
     assert "--config.num_jobs" in msg
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 
 from hassod_jax import utils
+from hassod_jax.utils import threshold_name
 from hassod_jax.data import images as image_io
 
 OUTPUT_DIR = "pseudo_labels"
@@ -62,11 +63,6 @@ _RESULT_FIELDS = (
 )
 # Result fields added after runs were recorded: a record without one held this value.
 _RECORDED_DEFAULTS = {"refine": True}
-
-
-def threshold_name(theta):
-    """File-name form of a threshold: 0.4 -> '0.4', 0.05 -> '0.05'."""
-    return f"{float(theta):g}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -831,38 +827,3 @@ def merge_thresholds(out_dir, config):
                 f"with --config.thresholds='{flag}'"
             )
     return thresholds
-
-
-def run_merge(config, workdir):
-    """mode=merge_pseudo_labels: joins the finished shards of independent jobs (num_jobs > 1)
-    into the final files, for W/pseudo_labels (mode=discover) and W/sweep (mode=sweep, then
-    also sweep.json; with AR/AP when the config has gt_json, as the sweep's own config run with
-    --config.mode=merge_pseudo_labels has), whichever holds shards.
-
-    Returns {output folder name: assemble's result}.
-    """
-    from hassod_jax.discovery import sweep
-
-    merged = {}
-    for name in (OUTPUT_DIR, sweep.OUTPUT_DIR):
-        out_dir = os.path.join(workdir, name)
-        if not os.path.isdir(os.path.join(out_dir, "work")):
-            continue
-        thresholds = merge_thresholds(out_dir, config)
-        merged[name] = assemble(out_dir, thresholds)
-        if name == sweep.OUTPUT_DIR:
-            sweep.write_report(config, workdir, merged[name]["rows"], thresholds)
-    if not merged:
-        raise FileNotFoundError(
-            f"No discovery shards under {os.path.join(workdir, OUTPUT_DIR, 'work')} or "
-            f"{os.path.join(workdir, sweep.OUTPUT_DIR, 'work')}: run mode=discover (or "
-            "mode=sweep) with this --workdir first"
-        )
-    return merged
-
-
-def run_sweep(config, workdir):
-    """mode=sweep: per-threshold statistics (and AR/AP with ground truth) from one sequence each."""
-    from hassod_jax.discovery import sweep
-
-    sweep.run(config, workdir)

@@ -13,7 +13,7 @@ that threshold's pseudo-labels, of the sweep's full ensemble and of the publishe
 plots them against the threshold.
 
 A sweep split over independent jobs (`num_jobs` > 1) writes only shards; the same command with
-`--config.mode=merge_pseudo_labels` joins them and writes `sweep.json` (`pipeline.run_merge`).
+`--config.mode=merge_pseudo_labels` joins them and writes `sweep.json` (`modes.discovery.run_merge`).
 """
 
 import os

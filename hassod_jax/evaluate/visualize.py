@@ -286,10 +286,8 @@ def plot_sweep(path, report):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from hassod_jax.discovery.pipeline import threshold_name
-
     thetas = [float(t) for t in report["thresholds"]]
-    names = [threshold_name(t) for t in thetas]
+    names = [utils.threshold_name(t) for t in thetas]
     stats = report["statistics"]
     segm = report.get("segm")
     fig = Figure(figsize=(10.0 if segm else 5.2, 3.6), dpi=DPI)

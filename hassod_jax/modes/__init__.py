@@ -17,7 +17,7 @@ MODES = {
         "stage 1: a folder of images -> hierarchical pseudo-labels (resumable, shardable)",
     ),
     "sweep": Mode(
-        "hassod_jax.discovery.pipeline:run_sweep",
+        "hassod_jax.discovery.sweep:run",
         "configs/sweep_thresholds.py",
         (
             "many HAC thresholds from one merge sequence per image; statistics, AR/AP with ground"
@@ -25,7 +25,7 @@ MODES = {
         ),
     ),
     "merge_pseudo_labels": Mode(
-        "hassod_jax.discovery.pipeline:run_merge",
+        "hassod_jax.modes.discovery:run_merge",
         "configs/merge_pseudo_labels.py",
         "joins the shards of independent discovery jobs",
     ),

@@ -18,7 +18,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from hassod_jax.weights.torch_reader import CheckpointError
+from hassod_jax.weights.errors import CheckpointError
 
 __all__ = [
     "ARCH_FILE",

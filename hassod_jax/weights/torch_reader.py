@@ -35,6 +35,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from hassod_jax.weights.errors import CheckpointError
+from hassod_jax.weights.formats import read_safetensors
+
 __all__ = [
     "OpaqueObject",
     "TorchStorage",
@@ -94,10 +97,6 @@ _TORCH_DTYPES = {
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
-
-
-class CheckpointError(ValueError):
-    """A file is not a readable checkpoint; the message names the file and the problem."""
 
 
 class OpaqueObject:
@@ -562,8 +561,6 @@ def read_checkpoint(path) -> Any:
     """Reads any supported checkpoint into a tree of dicts/lists with NumPy leaves."""
     fmt = detect_format(path)
     if fmt == "safetensors":
-        from hassod_jax.weights.formats import read_safetensors
-
         return read_safetensors(path)
     if fmt == "pickle":
         return read_pickle_checkpoint(path)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from hassod_jax import defaults, utils
 from hassod_jax.discovery import pipeline
+from hassod_jax.modes import discovery as discovery_modes
 from tests.xla_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -180,7 +181,7 @@ def test_independent_jobs_merge_to_the_single_run(baseline, tmp_path):
         )
     out = tmp_path / "w" / "pseudo_labels"
     assert not (out / "pseudo_labels_hier.json").exists()  # each job only writes its shard
-    pipeline.run_merge(_config(tmp_path / "imgs"), str(tmp_path / "w"))
+    discovery_modes.run_merge(_config(tmp_path / "imgs"), str(tmp_path / "w"))
     for f in ("pseudo_labels_hier.json", "thresh_0.2.json"):
         assert _load(out / f) == _load(baseline / "w" / "pseudo_labels" / f)
 
@@ -189,7 +190,7 @@ def test_merge_refuses_unfinished_shards(tmp_path):
     _write_images(tmp_path / "imgs", 3)
     pipeline.discover(_config(tmp_path / "imgs", job_index=1, num_jobs=2), str(tmp_path / "w"))
     with pytest.raises(utils.InputError, match=r"Shards \[0\] of 2"):
-        pipeline.run_merge(_config(tmp_path / "imgs"), str(tmp_path / "w"))
+        discovery_modes.run_merge(_config(tmp_path / "imgs"), str(tmp_path / "w"))
 
 
 def _bad_and_odd_images(folder):

@@ -10,6 +10,7 @@ import pytest
 
 from hassod_jax import defaults, utils
 from hassod_jax.discovery import pipeline, sweep
+from hassod_jax.modes import discovery as discovery_modes
 from tests.discovery.test_pipeline import FAST, _config, _load, _write_images
 
 
@@ -66,7 +67,7 @@ def test_corrected_rerun_in_the_same_workdir_runs(images, tmp_path):
 
 def test_merge_without_shards_names_both_outputs(tmp_path):
     with pytest.raises(FileNotFoundError) as excinfo:
-        pipeline.run_merge(defaults.discovery(), str(tmp_path / "w"))
+        discovery_modes.run_merge(defaults.discovery(), str(tmp_path / "w"))
     _one_line(excinfo, "pseudo_labels", "sweep", "mode=discover", "--workdir")
 
 
@@ -79,30 +80,30 @@ def test_merge_refuses_mixed_shard_counts(images, tmp_path):
     _two_jobs(images, tmp_path / "w")
     pipeline.discover(_config(images, job_index=0, num_jobs=3), str(tmp_path / "w"))
     with pytest.raises(ValueError) as excinfo:
-        pipeline.run_merge(_config(images), str(tmp_path / "w"))
+        discovery_modes.run_merge(_config(images), str(tmp_path / "w"))
     _one_line(excinfo, "[2, 3]", "--config.num_jobs", "--workdir")
 
 
 def test_merge_refuses_missing_shards(images, tmp_path):
     _two_jobs(images, tmp_path / "w", n_jobs=(0,))
     with pytest.raises(utils.InputError) as excinfo:  # a user error: one line, exit 2
-        pipeline.run_merge(_config(images), str(tmp_path / "w"))
+        discovery_modes.run_merge(_config(images), str(tmp_path / "w"))
     _one_line(excinfo, "Shards [1] of 2", "not finished", "--config.job_index")
     # A finished shard whose chunk file went missing.
     _two_jobs(images, tmp_path / "w", n_jobs=(1,))
     chunk = tmp_path / "w" / "pseudo_labels" / "work" / "shard_0001_of_0002" / "chunk_000000.json"
     os.remove(chunk)
     with pytest.raises(FileNotFoundError) as excinfo:
-        pipeline.run_merge(_config(images), str(tmp_path / "w"))
+        discovery_modes.run_merge(_config(images), str(tmp_path / "w"))
     _one_line(excinfo, "chunk file not found", str(chunk))
 
 
 def test_merge_refuses_other_thresholds_than_the_run(images, tmp_path):
     _two_jobs(images, tmp_path / "w", thresholds=(0.3,))
     with pytest.raises(utils.ConfigError) as excinfo:  # the merge config's default thresholds
-        pipeline.run_merge(_config(images), str(tmp_path / "w"))
+        discovery_modes.run_merge(_config(images), str(tmp_path / "w"))
     _one_line(excinfo, "(0.3,)", "--config.thresholds='(0.3,)'")
-    merged = pipeline.run_merge(_config(images, thresholds=(0.3,)), str(tmp_path / "w"))
+    merged = discovery_modes.run_merge(_config(images, thresholds=(0.3,)), str(tmp_path / "w"))
     assert merged["pseudo_labels"]["images"] == 3
     assert (tmp_path / "w" / "pseudo_labels" / "thresh_0.3.json").exists()
 
@@ -128,7 +129,7 @@ def test_multi_job_sweep_merges_to_the_single_job_sweep(tmp_path):
     assert not (work / "sweep" / "sweep.json").exists()  # each job only writes its shard
     merge_config = _sweep_config(image_dir, gt_json)
     merge_config.mode = "merge_pseudo_labels"
-    merged = pipeline.run_merge(merge_config, str(work))
+    merged = discovery_modes.run_merge(merge_config, str(work))
     assert list(merged) == ["sweep"]
     saved = _load(work / "sweep" / "sweep.json")
     assert saved == json.loads(json.dumps(single))
@@ -138,9 +139,9 @@ def test_multi_job_sweep_merges_to_the_single_job_sweep(tmp_path):
     # The discovery config (configs/merge_pseudo_labels.py) has other default thresholds and
     # no ground truth: the thresholds are refused, and with them it reports statistics only.
     with pytest.raises(utils.ConfigError, match=r"--config.thresholds='\(0.1,0.2,0.4\)'"):
-        pipeline.run_merge(defaults.discovery(), str(work))
+        discovery_modes.run_merge(defaults.discovery(), str(work))
     plain = defaults.discovery()
     plain.thresholds = (0.1, 0.2, 0.4)
-    pipeline.run_merge(plain, str(work))
+    discovery_modes.run_merge(plain, str(work))
     saved = _load(work / "sweep" / "sweep.json")
     assert "segm" not in saved and saved["statistics"] == single["statistics"]
