@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 128  # scenes are SIZE x SIZE (--size)
 
 
-def drop_instances(src_json, dst_json, every=2):
+def drop_instances(src_json, dst_json, every=2, withheld_json=None):
     """Instance i of each image removed where i % every == every - 1 (every=2: every other
-    one, the first kept), levels untouched."""
+    one, the first kept), levels untouched; the removed ones go to `withheld_json`."""
     from hassod_jax.data.coco import load_coco_json
     from hassod_jax.utils import atomic_write_json
 
@@ -45,8 +45,13 @@ def drop_instances(src_json, dst_json, every=2):
     by_image = {}
     for a in data["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a)
-    kept = [a for anns in by_image.values() for i, a in enumerate(anns) if i % every != every - 1]
+    kept, withheld = [], []
+    for anns in by_image.values():
+        for i, a in enumerate(anns):
+            (withheld if i % every == every - 1 else kept).append(a)
     atomic_write_json(dst_json, {**data, "annotations": kept})
+    if withheld_json:
+        atomic_write_json(withheld_json, {**data, "annotations": withheld})
     return len(data["annotations"]), len(kept)
 
 
@@ -102,7 +107,12 @@ def mt_config(init, train_json, images, steps, seed, unsup, base_lr=0.01, size=S
     return c
 
 
-_PREDICT_FNS = {}  # one compiled forward per architecture: the three scorings share it
+_PREDICT_FNS = {}  # one compiled forward per architecture: the scorings share it
+# The check's models as they were trained (the training scenes' recall): its proposal counts
+# and sampling ratio, not detectron2's 1000 / adaptive test settings (7x the cost).
+TEST_SETTINGS = dict(detections_per_image=100, rpn_pre_nms_topk_test=256,
+                     rpn_post_nms_topk_test=64, pooler_sampling_ratio=2)
+RECALL_SCORES = (0.5, 0.7, 0.9)
 
 
 def score(workdir, val_json, val_images, size=SIZE):
@@ -120,6 +130,68 @@ def score(workdir, val_json, val_images, size=SIZE):
                             predict_fn=fn)
     m = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"))
     return {f"{t}/{k}": float(m[t][k]) for t in ("bbox", "segm") for k in ("AP", "AP50", "AR@100")}
+
+
+def best_scores(workdir, gt_json, images, size=SIZE, which="student", iou_min=0.5):
+    """For each instance of `gt_json`, the highest score among the model's detections whose
+    mask has IoU >= iou_min with it (pycocotools), 0 when none: recall at a score s is the
+    fraction >= s. The model runs at the check's own test settings (its proposal counts and
+    sampling ratio) on the training images (`images`)."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from hassod_jax.data.coco import load_coco_json
+    from hassod_jax.evaluate import predict
+    from hassod_jax.weights.detectron2 import load_detector
+
+    module, variables = load_detector(workdir, which=which, **TEST_SETTINGS)
+    if module.config not in _PREDICT_FNS:
+        _PREDICT_FNS[module.config] = predict.make_predict_fn(module)
+    gt = load_coco_json(gt_json)
+    ids = sorted({a["image_id"] for a in gt["annotations"]})
+    by_id = {im["id"]: im for im in gt["images"]}
+    sub = {**gt, "images": [by_id[i] for i in ids]}
+    preds = predict.predict(module, variables, predict.images_from_coco(sub, images),
+                            short_edge=size, max_size=size, buckets=((size, size),), batch_size=8,
+                            predict_fn=_PREDICT_FNS[module.config])
+    dets = {}
+    for p in preds:
+        dets.setdefault(p["image_id"], []).append(p)
+    out = []
+    for a in gt["annotations"]:
+        d = dets.get(a["image_id"], [])
+        if not d:
+            out.append(0.0)
+            continue
+        iou = mask_utils.iou([p["segmentation"] for p in d], [a["segmentation"]], [0])[:, 0]
+        scores = np.array([p["score"] for p in d])[iou >= iou_min]
+        out.append(float(scores.max()) if scores.size else 0.0)
+    return np.array(out)
+
+
+def recall_summary(scores):
+    """Recall of the instances at score thresholds, and their mean best score."""
+    out = {f"r@{t}": float((scores >= t).mean()) for t in RECALL_SCORES}
+    out["mean_score"] = float(scores.mean())
+    return out
+
+
+def teacher_move(start_dir, mt_dir):
+    """|teacher - start| / |student - start| over all parameters (one norm each): how far the
+    EMA teacher followed the student. 0 for a teacher that never moves, 1 for one that is the
+    student; for the recipe's EMA (keep 0.9996) over a few hundred steps a few hundredths."""
+    import numpy as np
+
+    from hassod_jax.weights.detectron2 import load_detector
+
+    def flat(path, which="student"):
+        _, v = load_detector(path, which=which)
+        import jax
+
+        return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(v["params"])])
+
+    start, student, teacher = flat(start_dir), flat(mt_dir), flat(mt_dir, "teacher")
+    return float(np.linalg.norm(teacher - start) / max(np.linalg.norm(student - start), 1e-30))
 
 
 def _logged(workdir):
@@ -144,7 +216,8 @@ def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_image
     val_dir, val_json = scenes(f"val{val_images}{px}", val_images, 2)
     tag = f"drop{drop_every}_n{train_images}{px}_seed{seed}"
     half = os.path.join(root, f"train_drop{drop_every}_n{train_images}{px}.json")
-    n_all, n_kept = drop_instances(full_json, half, drop_every)
+    withheld = os.path.join(root, f"withheld_drop{drop_every}_n{train_images}{px}.json")
+    n_all, n_kept = drop_instances(full_json, half, drop_every, withheld)
     out = {"instances": n_all, "kept": n_kept, "train_images": train_images,
            "drop_every": drop_every, "seed": seed, "stage1_steps": stage1_steps,
            "mt_steps": mt_steps, "mt_lr": mt_lr, "val_images": val_images, "size": size,
@@ -154,6 +227,8 @@ def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_image
     supervised.train(stage1_config(half, images, stage1_steps, seed, size), w1)
     out["seconds"]["stage1"] = time.perf_counter() - t0
     out["start"] = score(w1, val_json, val_dir, size)
+    for kind, js in (("withheld", withheld), ("labeled", half)):
+        out["start"][kind] = recall_summary(best_scores(w1, js, images, size))
     # Stage 1's first and last logged losses.
     losses = [x for x in _logged(w1) if "rpn/cls" in x]
     out["stage1_log"] = {"first": losses[0], "last": losses[-1]}
@@ -163,6 +238,12 @@ def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_image
         mean_teacher.train(mt_config(w1, half, images, mt_steps, seed, unsup, mt_lr, size), w)
         out["seconds"][name] = time.perf_counter() - t0
         out[name] = score(w, val_json, val_dir, size)
+        for kind, js in (("withheld", withheld), ("labeled", half)):
+            out[name][kind] = recall_summary(best_scores(w, js, images, size))
+        if unsup:
+            out[name]["teacher_withheld"] = recall_summary(
+                best_scores(w, withheld, images, size, which="teacher"))
+            out[name]["teacher_move"] = teacher_move(w1, w)
         logged = _logged(w)
         out[name]["teacher_targets_per_image"] = sum(
             x["teacher/targets_per_image"] for x in logged) / len(logged)
@@ -197,8 +278,21 @@ def main():
     print("|---|" + "---|" * len(keys))
     for name in ("start", "continued", "mean_teacher"):
         print(f"| {name} | " + " | ".join(f"{res[name][k]:.3f}" for k in keys) + " |")
+    print("Training scenes: recall of the withheld (unlabeled) and labeled instances at a "
+          "score, mask IoU >= 0.5")
+    cols = [f"{kind} {k}" for kind in ("withheld", "labeled") for k in res["start"][kind]]
+    print("| model | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    rows = [("start", res["start"]), ("continued", res["continued"]),
+            ("mean_teacher", res["mean_teacher"]),
+            ("mean_teacher's teacher", {"withheld": res["mean_teacher"]["teacher_withheld"],
+                                        "labeled": {}})]
+    for name, r in rows:
+        vals = [r[kind].get(k) for kind in ("withheld", "labeled") for k in res["start"][kind]]
+        print(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
     print("teacher targets per image (mean of the logged steps): "
-          f"{res['mean_teacher']['teacher_targets_per_image']:.2f}")
+          f"{res['mean_teacher']['teacher_targets_per_image']:.2f}; the teacher moved "
+          f"{res['mean_teacher']['teacher_move']:.3f} of the student's distance from the start")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res["seconds"].items()))
     if a.out:
         with open(a.out, "w") as f:

@@ -1,4 +1,4 @@
-"""Mutation check of the test suite (issue 16): do the tests catch the bugs they are named after?
+"""Mutation check of the test suite: do the tests catch the bugs they are named after?
 
 Run by hand (not collected by pytest, not run by CI):
 
@@ -47,6 +47,9 @@ class Mutant(NamedTuple):
     edits: tuple[Edit, ...]
     tests: tuple[str, ...]  # pytest ids, relative to the repository root
 
+
+_MT_CHECK = ("tests/train/test_mt_learning.py::"
+             "test_mean_teacher_recovers_the_instances_the_labels_miss")
 
 MUTANTS = [
     Mutant(
@@ -320,6 +323,68 @@ MUTANTS = [
         ("tests/train/test_mt_recipe.py::test_test_time_resize_caps_the_long_side",),
     ),
     Mutant(
+        "crf_pairs_on_one_device",
+        "discovery's device CRF runs every batch of pairs on one device",
+        (Edit("hassod_jax/discovery/pipeline.py",
+              "            args = jax.device_put((images, probs, valid), pairs_sharding)",
+              "            args = (images, probs, valid)"),),
+        ("tests/discovery/test_pipeline.py::test_jax_crf_pairs_are_split_over_the_hosts_devices",),
+    ),
+    Mutant(
+        "import_circle_pipeline_sweep",
+        "the discovery pipeline imports the sweep again (the circle broken by modes/discovery.py)",
+        (Edit("hassod_jax/discovery/pipeline.py",
+              "from hassod_jax.utils import threshold_name\n",
+              "from hassod_jax.utils import threshold_name\n\n\ndef _sweep():\n"
+              "    from hassod_jax.discovery import sweep\n\n    return sweep\n"),),
+        ("tests/test_layout.py::test_the_package_has_no_import_circle",),
+    ),
+    Mutant(
+        "mode_help_names_another_config",
+        "--help names the wrong config file for mode=train",
+        (Edit("hassod_jax/modes/__init__.py", '"configs/train_coco.py"', '"configs/predict.py"'),),
+        ("tests/test_main.py::test_each_modes_config_file_sets_that_mode",),
+    ),
+    # The learning check (each runs the whole check: about 10 minutes of one core).
+    Mutant(
+        "mt_check_targets_dropped",
+        "the teacher's targets are all marked invalid (no unlabeled supervision but background)",
+        (Edit("hassod_jax/train/mean_teacher.py", '        "valid": valid,\n        "num_kept"',
+              '        "valid": valid & False,\n        "num_kept"'),),
+        (_MT_CHECK,),
+    ),
+    Mutant(
+        "mt_check_w_unsup_zero",
+        "the unlabeled branch weighted 0 at every step",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              "        if not use_unsup:\n            w_unsup = jnp.zeros_like(w_unsup)",
+              "        if True:\n            w_unsup = jnp.zeros_like(w_unsup)"),),
+        (_MT_CHECK,),
+    ),
+    Mutant(
+        "mt_check_ema_frozen",
+        "the teacher never moves from the start (the EMA keeps the old teacher)",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              "return jnp.where(step == 0, s32, ema).astype(t.dtype)",
+              "return jnp.where(step == 0, s32, t32).astype(t.dtype)"),),
+        (_MT_CHECK,),
+    ),
+    Mutant(
+        "mt_check_ema_copy",
+        "the teacher is a copy of the student at every step",
+        (Edit("hassod_jax/train/mean_teacher.py",
+              "return jnp.where(step == 0, s32, ema).astype(t.dtype)",
+              "return jnp.where(step == 0, s32, s32).astype(t.dtype)"),),
+        (_MT_CHECK,),
+    ),
+    Mutant(
+        "mt_check_teacher_strong",
+        "the teacher makes its targets on the strong views",
+        (Edit("hassod_jax/train/mean_teacher.py", 'weak_u = _images(unlabel, "images")',
+              'weak_u = _images(unlabel, "images_strong")'),),
+        (_MT_CHECK,),
+    ),
+    Mutant(
         "cosine_in_float32",
         "the cosine schedule evaluated in float32 (1 + cos cancels near the end)",
         (Edit("hassod_jax/train/schedules.py",
@@ -499,8 +564,9 @@ def run_tests(root: str, ids, timeout: float) -> dict:
     junit = os.path.join(root, ".mutants_junit.xml")
     env = {**os.environ, "PYTHONPATH": root, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("CI", None)  # skips stay skips here: the baseline reports them
-    # The scratch copy has no ../shared beside it: point the tests at the real fixture, or the
-    # detector tests skip and no mutant of the detector can be caught.
+    # The scratch copy lacks the detectron2 fixture that d2_fixture.py finds beside the
+    # repository: point the tests at it, or the detector tests skip and no mutant of the
+    # detector can be caught.
     fixture = os.path.join(ROOT, "..", "shared", "fixtures", "d2_hassod_cascade")
     if os.path.isdir(fixture):
         env.setdefault("HASSOD_D2_FIXTURE", os.path.abspath(fixture))

@@ -1,31 +1,38 @@
-"""Learning checks (issues 7, 16 and 11): the small detector learns from scratch, and Mean
-Teacher then does its job, it does not just run.
+"""Learning checks: the small detector learns from scratch, and Mean Teacher then does what it
+is for in HASSOD, supervision for the objects the pseudo-labels miss.
 
 One run of `experiments/mt_learning_check.py` at its defaults (seed 0), in a subprocess on one
 CPU device, shared by both tests:
 1. stage 1: the small detector trained from scratch for 1200 steps by mode=train's loop
-   (`supervised.train`: loader, augmentation, losses, sharded step, PreciseBN) on 256
-   generated scenes whose labels lack every fifth instance (the loop's periodic evaluation is
-   test_demo.py's);
-2. from that checkpoint, 300 steps of Mean Teacher (the recipe: EMA teacher, weak/strong views,
-   teacher targets > 0.7 with recomputed levels, cosine loss weights, base LR 0.01) and 300
-   steps of the same loop with the unlabeled branch left out ("continued": plain continued
-   training on the incomplete labels, same label data, views and schedule).
-Every model is scored on 64 held-out scenes with their COMPLETE ground truth (pycocotools,
-class-agnostic), boxes and masks.
+   (`supervised.train`: loader, augmentation, losses with DropLoss, sharded step, PreciseBN) on
+   256 generated scenes whose labels lack every fifth instance (the "withheld" instances; the
+   loop's periodic evaluation is test_demo.py's);
+2. from that checkpoint, 300 steps of Mean Teacher (the recipe: EMA teacher, weak/strong
+   views, teacher targets > 0.7 with recomputed levels, cosine loss weights, base LR 0.01,
+   DropLoss off) and 300 steps of the same loop with the unlabeled branch left out
+   ("continued": plain continued training on the incomplete labels, same label data, views
+   and schedule).
 
-Measured (experiments/RESULTS.md, "Mean Teacher learning check, 64 held-out scenes" of
-2026-12-03 and "Learning checks in the default run" of 2026-12-04): stage 1 scored box AP50
-0.723-0.751 and mask AP 0.442-0.458 over seeds 0-3 and two machines, and 0.021 mask AP50 with
-masks trained against transposed targets (the mutant `tests/mutants.py` names); the bars sit at
-about 80 % of the lowest. Mean Teacher raised mask AR@100 by +0.014 to +0.034 and continued
-training by +0.011 to +0.028, Mean Teacher ahead by +0.002 to +0.006 on every run. The figures
-reproduce to the last digit on one machine, not across machines: another CPU (or JAX build)
-rounds float32 differently, and 1800 steps of training amplify it (seed 0 gave +0.019 vs +0.013
-on the 2026-12-03 machine, +0.014 vs +0.012 on the 2026-12-04 one).
+The mechanism checked: on the training scenes, continued training treats the withheld
+instances as background (DropLoss is off in this phase) and its scores for them stay low or
+fall; Mean Teacher's teacher detects some of them above 0.7, they become targets, and the
+student's scores for them rise. The measure is the recall of the withheld instances among
+detections scoring >= 0.9 (mask IoU >= 0.5, pycocotools): Mean Teacher's minus continued
+training's. Also: the teacher made targets, and it followed the student as an EMA of keep
+0.9996 does over 300 steps (its distance from the start a few hundredths of the student's:
+0 for a frozen teacher, 1 for one that is a copy of the student).
 
-About 8-9 minutes on one CPU core alone, 11 of one worker in the README's test command (672 s
-on 2026-12-04): the longest file of the default run, which tests/conftest.py starts first.
+Measured (experiments/RESULTS.md, "2026-12-07 (issue: Mean Teacher to the last bit)"): over
+seeds 0-4 with XLA's CPU threads at 1 (as in the test run: the xdist worker is pinned to one
+CPU) and at 2, Mean Teacher's lead in recall at 0.9 ranged over +0.075..+0.160 (at 0.7: +0.045..+0.105) and
+the teacher's relative move over 0.083-0.084 (nine runs); the mutants "teacher targets
+dropped", "w_unsup 0", "EMA frozen", "EMA a copy each step" and "the teacher sees the strong
+views" gave the figures in BARS' comments (tests/mutants.py runs them).
+The earlier check (Mean Teacher's held-out mask AR@100 gain above continued training's) was
+reversed by the threading change alone on seed 0 (+0.018 vs +0.024 at one thread).
+
+About 8-9 minutes on one CPU core alone; the longest file of the default run, which
+tests/conftest.py starts first.
 """
 
 import json
@@ -38,12 +45,23 @@ import pytest
 from tests.xla_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KEY = "segm/AR@100"
-GAIN_BAR = 0.010  # Mean Teacher's measured gain: +0.014 to +0.034 (module docstring)
 # Stage 1 on the held-out scenes, complete ground truth (bars ~80 % of the lowest seed's).
 # Seeds 0-3 measured box AP50 0.723-0.751, box AR@100 0.531-0.559, mask AP50 0.678-0.712, mask
 # AP 0.442-0.452; with masks trained against transposed targets, mask AP50 0.021.
 START_BARS = {"bbox/AP50": 0.55, "bbox/AR@100": 0.42, "segm/AP50": 0.54, "segm/AP": 0.35}
+# Mean Teacher against continued training on the withheld instances of the training scenes
+# (about 200: a step of 0.005 is one instance). Recipe runs, seeds 0-4: r@0.9 lead >= +0.075,
+# r@0.7 lead >= +0.045. Mutants at seed 0: targets dropped -0.150 / -0.360, w_unsup 0
+# +0.010 / +0.015, teacher on the strong views +0.085 / 0.000 (r@0.9 / r@0.7 leads).
+BARS = {
+    "withheld_lead_0.9": 0.04,
+    "withheld_lead_0.7": 0.02,
+    # Mean teacher targets per image, averaged over the logged steps: recipe 3.1-4.2, about 5
+    # instances a scene; 0 with the targets dropped.
+    "targets_per_image": 2.0,
+    # |teacher - start| / |student - start|: recipe 0.083-0.084; EMA frozen 0.000, a copy 1.000.
+    "teacher_move": (0.03, 0.3),
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +89,11 @@ def test_small_detector_learns_generated_scenes_from_incomplete_labels(check):
     assert not low, (low, start)
 
 
-def test_mean_teacher_raises_mask_recall_more_than_continued_training(check):
-    start, mt, cont = check["start"], check["mean_teacher"], check["continued"]
-    gain_mt, gain_cont = mt[KEY] - start[KEY], cont[KEY] - start[KEY]
-    # The teacher found objects: targets above 0.7 on the unlabeled views.
-    assert mt["teacher_targets_per_image"] >= 2.0, mt
-    # The student's mask AR@100 rises over its start, and by more than continued training.
-    assert gain_mt >= GAIN_BAR, (gain_mt, check)
-    assert gain_mt > gain_cont, (gain_mt, gain_cont, check)
+def test_mean_teacher_recovers_the_instances_the_labels_miss(check):
+    mt, cont = check["mean_teacher"], check["continued"]
+    for t in ("0.9", "0.7"):
+        lead = mt["withheld"][f"r@{t}"] - cont["withheld"][f"r@{t}"]
+        assert lead >= BARS[f"withheld_lead_{t}"], (t, lead, mt["withheld"], cont["withheld"])
+    assert mt["teacher_targets_per_image"] >= BARS["targets_per_image"], mt
+    lo, hi = BARS["teacher_move"]
+    assert lo <= mt["teacher_move"] <= hi, mt["teacher_move"]
