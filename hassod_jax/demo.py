@@ -182,14 +182,14 @@ def train_detector(config, workdir, train_json, image_dir, gt_json, image_list):
     import jax
 
     from hassod_jax.evaluate import predict
-    from hassod_jax.train import supervised
+    from hassod_jax.train import loop, supervised
 
     c = _detector_config(config, train_json, image_dir, gt_json)
     state, final = supervised.train(c, os.path.join(workdir, "detector"))
     model = supervised.build_model(c)
     if "val/bbox/AP" not in final:  # resumed at the last step: nothing was trained or scored
         logging.info("The detector's run had finished: evaluating its restored checkpoint")
-        final = {**final, **supervised.evaluate_state(c, model, state)}
+        final = {**final, **loop.evaluate_state(c, model, state)}
     metrics = {
         t: {
             "AP": final[f"val/{t}/AP"],
@@ -250,14 +250,14 @@ def _mean_teacher_config(config, detector_config, workdir):
 def mean_teacher_phase(config, workdir, detector_config):
     """A short Mean Teacher run from the demo's detector (stage 2.3 in miniature); the student's
     and the teacher's AP/AR on the generated scenes' ground truth."""
-    from hassod_jax.train import mean_teacher, supervised
+    from hassod_jax.train import loop, mean_teacher
 
     c = _mean_teacher_config(config, detector_config, workdir)
     state, final = mean_teacher.train(c, os.path.join(workdir, "mean_teacher"))
     if "val/segm/AR@100" not in final:  # resumed at the last step: score the restored models
         model, _ = mean_teacher.build_model(c)
-        final = {**final, **supervised.evaluate_state(c, model, state)}
-        teacher = supervised.evaluate_state(c, model, mean_teacher._TeacherView(state))
+        final = {**final, **loop.evaluate_state(c, model, state)}
+        teacher = loop.evaluate_state(c, model, mean_teacher.TeacherView(state))
         final.update({k.replace("val/", "val_teacher/", 1): v for k, v in teacher.items()})
     return {
         who: {

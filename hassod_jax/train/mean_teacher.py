@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from hassod_jax import ops, parallel, utils
 from hassod_jax.discovery.hierarchy import hierarchy_levels_padded
 from hassod_jax.train import checkpoint as ckpt_lib
-from hassod_jax.train import optim, schedules, supervised
+from hassod_jax.train import loop, optim, schedules, supervised
 
 EMA_KEEP = 0.9996
 SCORE_THRESH = 0.7
@@ -386,8 +386,8 @@ def make_streams(config, records, start=0):
     }
 
 
-class _TeacherView:
-    """The teacher's variables where `supervised.evaluate_state` reads a state's."""
+class TeacherView:
+    """The teacher's variables where `loop.evaluate_state` reads a state's."""
 
     def __init__(self, state):
         self.params, self.batch_stats = state.teacher_params, state.teacher_batch_stats
@@ -402,7 +402,7 @@ def train(config, workdir):
 
     parallel.maybe_initialize_distributed()
     utils.require(config, "init_checkpoint", "train_json", "images", mode=config.mode)
-    eval_on = supervised._eval_enabled(config)
+    eval_on = loop.eval_enabled(config)
     for name in ("init_checkpoint", "train_json", "images"):
         if not os.path.exists(config.get(name)):
             raise FileNotFoundError(f"config.{name} does not exist: {config.get(name)}")
@@ -444,7 +444,7 @@ def train(config, workdir):
     step_fn = jit_mt_step(config, model, tx, schedule, mesh)
     rng = jax.random.PRNGKey(config.seed)
     writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
-    supervised.log_parameters(state.params)
+    loop.log_parameters(state.params)
     last_good = checkpointer.latest_step()
     predict_fn = None
     if eval_on and jax.process_index() == 0:
@@ -464,7 +464,7 @@ def train(config, workdir):
             log_now = done % config.log_every == 0 or done == config.max_iter
             save_now = done % config.checkpoint_every == 0 or done == config.max_iter
             if log_now or save_now:
-                host = supervised.host_metrics(metrics, done, checkpointer, last_good)
+                host = loop.host_metrics(metrics, done, checkpointer, last_good)
                 host["images_per_s"] = n_images / max(time.perf_counter() - t0, 1e-9)
                 t0, n_images = time.perf_counter(), 0
                 metrics = host
@@ -476,7 +476,7 @@ def train(config, workdir):
                         done, config.max_iter, host["total_loss"], host["w_sup"],
                         host["w_unsup"], host["lr"], host["teacher/targets_per_image"],
                         host["images_per_s"],
-                        supervised.eta_text(done, start, config.max_iter,
+                        loop.eta_text(done, start, config.max_iter,
                                             time.perf_counter() - t_start),
                     )
             if save_now:
@@ -486,8 +486,8 @@ def train(config, workdir):
                 last_good = done
             if eval_on and (done % config.eval_every == 0 or done == config.max_iter):
                 if jax.process_index() == 0:
-                    val = supervised.evaluate_state(config, model, state, predict_fn)
-                    tval = supervised.evaluate_state(config, model, _TeacherView(state),
+                    val = loop.evaluate_state(config, model, state, predict_fn)
+                    tval = loop.evaluate_state(config, model, TeacherView(state),
                                                      predict_fn)
                     val.update({k.replace("val/", "val_teacher/", 1): v for k, v in tval.items()})
                     metrics = {**metrics, **val}

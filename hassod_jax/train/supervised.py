@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hassod_jax import parallel, utils
 from hassod_jax.train import checkpoint as ckpt_lib
-from hassod_jax.train import optim, precise_bn, schedules
+from hassod_jax.train import loop, optim, precise_bn, schedules
 
 
 @flax.struct.dataclass
@@ -216,113 +216,13 @@ def loader_config(config, **overrides):
     return loader.LoaderConfig(**{**fields, **overrides})
 
 
-def _eval_enabled(config):
-    val_json, val_images = config.get("val_json", ""), config.get("val_images", "")
-    if bool(val_json) != bool(val_images):
-        raise utils.ConfigError(
-            "periodic evaluation needs both config.val_json and config.val_images "
-            f"(got val_json={val_json!r}, val_images={val_images!r})"
-        )
-    for name in ("val_json", "val_images"):
-        path = config.get(name, "")
-        if path and not os.path.exists(path):
-            raise FileNotFoundError(f"config.{name} does not exist: {path}")
-    if val_json and config.get("eval_every", 0) < 1:
-        raise utils.ConfigError(f"config.eval_every must be >= 1, got {config.eval_every}")
-    return bool(val_json)
-
-
-def evaluate_state(config, model, state, predict_fn=None):
-    """Class-agnostic COCO metrics of `state` on config.val_json / config.val_images.
-
-    Returns a flat {name: float} dict: val/{bbox,segm}/{AP, AP50, AR@100} by the original
-    HASSOD's protocol (`evaluate_coco`'s default: maxDets 10/100/1000, AP and AP50 at 1000
-    detections per image), val/level_accuracy (-1 when no detection is foreground),
-    val/num_predictions, val/seconds.
-    """
-    from hassod_jax.data import loader
-    from hassod_jax.data.coco import load_coco_json
-    from hassod_jax.evaluate import coco_eval, predict
-
-    t0 = time.perf_counter()
-    # A host copy: the replicated global arrays may span other processes' devices, while
-    # inference runs on this process's default device only.
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    val = load_coco_json(config.val_json)  # read once: image list and ground truth
-    images = predict.images_from_coco(val, config.val_images, config.get("val_max_images", -1))
-    buckets = tuple(tuple(b) for b in config.data.buckets) or loader.DEFAULT_BUCKETS
-    preds = predict.predict(
-        model,
-        variables,
-        images,
-        short_edge=config.get("val_short_edge", 800),
-        max_size=config.get("val_max_size", 1333),
-        buckets=buckets,
-        batch_size=config.get("val_batch_size", 1),
-        predict_fn=predict_fn,
-    )
-    ids = {image_id for _, image_id in images}
-    gt = _subset_gt(val, ids)
-    metrics = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"))
-    out = {}
-    for t in ("bbox", "segm"):
-        for k in ("AP", "AP50", "AR@100"):
-            if k in metrics[t]:
-                out[f"val/{t}/{k}"] = float(metrics[t][k])
-    out["val/level_accuracy"], _ = predict.level_accuracy(gt, preds)
-    out["val/num_predictions"] = float(len(preds))
-    out["val/seconds"] = time.perf_counter() - t0
-    return out
-
-
-def _subset_gt(data, image_ids):
-    """The ground truth (a loaded COCO dict) restricted to the evaluated images."""
-    if len(image_ids) == len(data["images"]):
-        return data
-    return {
-        **data,
-        "images": [im for im in data["images"] if im["id"] in image_ids],
-        "annotations": [a for a in data["annotations"] if a["image_id"] in image_ids],
-    }
-
-
-def host_metrics(metrics, done, checkpointer, last_good):
-    """The step's metrics as Python floats; a non-finite total loss stops the run with an
-    error naming the last good checkpoint (none is written after it)."""
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(host["total_loss"]):
-        bad = {k: v for k, v in host.items() if not np.isfinite(v)}
-        where = f"step {last_good} in {checkpointer.directory}" if last_good else "none yet"
-        raise FloatingPointError(
-            f"Non-finite loss at step {done}: {bad}. Stopping; last good checkpoint: {where}"
-        )
-    return host
-
-
-def log_parameters(params):
-    """clu's parameter overview (names, shapes, sizes, statistics) in the log, process 0."""
-    if jax.process_index() == 0:
-        from clu import parameter_overview
-
-        logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(params))
-
-
-def eta_text(done, start, total, seconds):
-    """'ETA 1h02m' from the steps done since `start` in `seconds`."""
-    if done <= start or seconds <= 0:
-        return "ETA ?"
-    left = (total - done) * seconds / (done - start)
-    h, rem = divmod(int(left), 3600)
-    return f"ETA {h}h{rem // 60:02d}m" if h else f"ETA {rem // 60}m{rem % 60:02d}s"
-
-
 def train(config, workdir):
     """Runs (or resumes) training; returns the final state and the last logged metrics."""
     from hassod_jax.data import loader
 
     parallel.maybe_initialize_distributed()
     utils.require(config, "train_json", "images", mode=config.mode)
-    eval_on = _eval_enabled(config)
+    eval_on = loop.eval_enabled(config)
     precise_bn.check_config(config)
     for name in ("train_json", "images", "resnet_checkpoint"):
         path = config.get(name)
@@ -374,7 +274,7 @@ def train(config, workdir):
             estimator=config.get("precise_bn_estimator", "population"),
         )
     writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
-    log_parameters(state.params)
+    loop.log_parameters(state.params)
     last_good = checkpointer.latest_step()
     predict_fn = None
     if eval_on and jax.process_index() == 0:
@@ -392,7 +292,7 @@ def train(config, workdir):
             log_now = done % config.log_every == 0 or done == config.max_iter
             save_now = done % config.checkpoint_every == 0 or done == config.max_iter
             if log_now or save_now:
-                host = host_metrics(metrics, done, checkpointer, last_good)
+                host = loop.host_metrics(metrics, done, checkpointer, last_good)
                 elapsed = time.perf_counter() - t0
                 host["images_per_s"] = n_images / max(elapsed, 1e-9)
                 t0, n_images = time.perf_counter(), 0
@@ -406,7 +306,7 @@ def train(config, workdir):
                         host["total_loss"],
                         host["lr"],
                         host["images_per_s"],
-                        eta_text(done, start, config.max_iter, time.perf_counter() - t_start),
+                        loop.eta_text(done, start, config.max_iter, time.perf_counter() - t_start),
                     )
             if pbn is not None and precise_bn.runs_at(
                 done, config.precise_bn_every, config.max_iter
@@ -429,7 +329,7 @@ def train(config, workdir):
                 last_good = done
             if eval_on and (done % config.eval_every == 0 or done == config.max_iter):
                 if jax.process_index() == 0:
-                    val = evaluate_state(config, model, state, predict_fn)
+                    val = loop.evaluate_state(config, model, state, predict_fn)
                     metrics = {**metrics, **val}
                     writer.write_scalars(done, val)
                     logging.info(

@@ -1,0 +1,113 @@
+"""What the stage-2 trainers share around their steps: metrics on the host with the NaN guard,
+the ETA, the parameter overview, and the periodic evaluation."""
+
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from hassod_jax import utils
+
+
+def eval_enabled(config):
+    """True when periodic evaluation is on (config.val_json and config.val_images both set,
+    eval_every >= 1); a ConfigError or FileNotFoundError for a half or missing setting."""
+    val_json, val_images = config.get("val_json", ""), config.get("val_images", "")
+    if bool(val_json) != bool(val_images):
+        raise utils.ConfigError(
+            "periodic evaluation needs both config.val_json and config.val_images "
+            f"(got val_json={val_json!r}, val_images={val_images!r})"
+        )
+    for name in ("val_json", "val_images"):
+        path = config.get(name, "")
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"config.{name} does not exist: {path}")
+    if val_json and config.get("eval_every", 0) < 1:
+        raise utils.ConfigError(f"config.eval_every must be >= 1, got {config.eval_every}")
+    return bool(val_json)
+
+
+def evaluate_state(config, model, state, predict_fn=None):
+    """Class-agnostic COCO metrics of `state` on config.val_json / config.val_images.
+
+    Returns a flat {name: float} dict: val/{bbox,segm}/{AP, AP50, AR@100} by the original
+    HASSOD's protocol (`evaluate_coco`'s default: maxDets 10/100/1000, AP and AP50 at 1000
+    detections per image), val/level_accuracy (-1 when no detection is foreground),
+    val/num_predictions, val/seconds.
+    """
+    from hassod_jax.data import loader
+    from hassod_jax.data.coco import load_coco_json
+    from hassod_jax.evaluate import coco_eval, predict
+
+    t0 = time.perf_counter()
+    # A host copy: the replicated global arrays may span other processes' devices, while
+    # inference runs on this process's default device only.
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    val = load_coco_json(config.val_json)  # read once: image list and ground truth
+    images = predict.images_from_coco(val, config.val_images, config.get("val_max_images", -1))
+    buckets = tuple(tuple(b) for b in config.data.buckets) or loader.DEFAULT_BUCKETS
+    preds = predict.predict(
+        model,
+        variables,
+        images,
+        short_edge=config.get("val_short_edge", 800),
+        max_size=config.get("val_max_size", 1333),
+        buckets=buckets,
+        batch_size=config.get("val_batch_size", 1),
+        predict_fn=predict_fn,
+    )
+    ids = {image_id for _, image_id in images}
+    gt = _subset_gt(val, ids)
+    metrics = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"))
+    out = {}
+    for t in ("bbox", "segm"):
+        for k in ("AP", "AP50", "AR@100"):
+            if k in metrics[t]:
+                out[f"val/{t}/{k}"] = float(metrics[t][k])
+    out["val/level_accuracy"], _ = predict.level_accuracy(gt, preds)
+    out["val/num_predictions"] = float(len(preds))
+    out["val/seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _subset_gt(data, image_ids):
+    """The ground truth (a loaded COCO dict) restricted to the evaluated images."""
+    if len(image_ids) == len(data["images"]):
+        return data
+    return {
+        **data,
+        "images": [im for im in data["images"] if im["id"] in image_ids],
+        "annotations": [a for a in data["annotations"] if a["image_id"] in image_ids],
+    }
+
+
+def host_metrics(metrics, done, checkpointer, last_good):
+    """The step's metrics as Python floats; a non-finite total loss stops the run with an
+    error naming the last good checkpoint (none is written after it)."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(host["total_loss"]):
+        bad = {k: v for k, v in host.items() if not np.isfinite(v)}
+        where = f"step {last_good} in {checkpointer.directory}" if last_good else "none yet"
+        raise FloatingPointError(
+            f"Non-finite loss at step {done}: {bad}. Stopping; last good checkpoint: {where}"
+        )
+    return host
+
+
+def log_parameters(params):
+    """clu's parameter overview (names, shapes, sizes, statistics) in the log, process 0."""
+    if jax.process_index() == 0:
+        from clu import parameter_overview
+
+        logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(params))
+
+
+def eta_text(done, start, total, seconds):
+    """'ETA 1h02m' from the steps done since `start` in `seconds`."""
+    if done <= start or seconds <= 0:
+        return "ETA ?"
+    left = (total - done) * seconds / (done - start)
+    h, rem = divmod(int(left), 3600)
+    return f"ETA {h}h{rem // 60:02d}m" if h else f"ETA {rem // 60}m{rem % 60:02d}s"
