@@ -345,6 +345,31 @@ MUTANTS = [
         (Edit("hassod_jax/modes/__init__.py", '"configs/train_coco.py"', '"configs/predict.py"'),),
         ("tests/test_main.py::test_each_modes_config_file_sets_that_mode",),
     ),
+    Mutant(
+        "loop_saves_before_the_job",
+        "the shared training loop checkpoints before PreciseBN's recomputation, not after",
+        (Edit("hassod_jax/train/loop.py",
+              "            if save_now:\n                checkpointer.save(done, state, data_state())\n"
+              "                last_good = done\n", ""),
+         Edit("hassod_jax/train/loop.py", "            if after_step is not None:\n",
+              "            if save_now:\n                checkpointer.save(done, state, data_state())\n"
+              "                last_good = done\n            if after_step is not None:\n")),
+        ("tests/train/test_loop.py::test_job_then_checkpoint_then_evaluation_at_their_steps",),
+    ),
+    Mutant(
+        "loop_no_final_evaluation",
+        "the shared training loop evaluates every eval_every steps but not at the last step",
+        (Edit("hassod_jax/train/loop.py", "(done % eval_every == 0 or done == max_iter)",
+              "(done % eval_every == 0)"),),
+        ("tests/train/test_loop.py::test_job_then_checkpoint_then_evaluation_at_their_steps",),
+    ),
+    Mutant(
+        "loop_last_good_not_updated",
+        "the NaN guard names the checkpoint the run started from, not the last one written",
+        (Edit("hassod_jax/train/loop.py", "                last_good = done\n", ""),),
+        ("tests/train/test_loop.py::"
+         "test_a_non_finite_loss_stops_naming_the_last_good_checkpoint",),
+    ),
     # The learning check (each runs the whole check: about 10 minutes of one core).
     Mutant(
         "mt_check_targets_dropped",

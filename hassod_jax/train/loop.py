@@ -9,6 +9,7 @@ import numpy as np
 from absl import logging
 
 from hassod_jax import utils
+from hassod_jax.train import checkpoint as ckpt_lib
 
 
 def eval_enabled(config):
@@ -111,3 +112,122 @@ def eta_text(done, start, total, seconds):
     left = (total - done) * seconds / (done - start)
     h, rem = divmod(int(left), 3600)
     return f"ETA {h}h{rem // 60:02d}m" if h else f"ETA {rem // 60}m{rem % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop both trainers run.
+
+
+def restore(workdir, state, sharding, keep):
+    """The run's checkpointer (W/checkpoints, the newest `keep` kept) and the state resumed from
+    its newest checkpoint (or `state` as given), placed with `sharding`.
+
+    Returns (checkpointer, state, data_state, start): data_state is what the checkpoint holds
+    beside the state (None without one), start the step to run next."""
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=keep)
+    state, data_state = checkpointer.restore(state)
+    start = int(state.step)
+    if start:
+        logging.info("Resuming at step %d", start)
+    return checkpointer, jax.device_put(state, sharding), data_state, start
+
+
+def make_writer(workdir):
+    """W/logs' metric writer on process 0, None elsewhere."""
+    return utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
+
+
+def eval_predict_fn(model, eval_on):
+    """The compiled forward the periodic evaluation reuses (process 0, evaluation on), else None."""
+    if not (eval_on and jax.process_index() == 0):
+        return None
+    from hassod_jax.evaluate import predict  # imports pycocotools: only when evaluating
+
+    return predict.make_predict_fn(model)
+
+
+def run(
+    state,
+    step,
+    *,
+    start,
+    max_iter,
+    checkpointer,
+    writer,
+    images_per_step,
+    log_every,
+    checkpoint_every,
+    describe,
+    data_state,
+    after_step=None,
+    eval_every=0,
+    evaluate=None,
+    close=(),
+):
+    """Runs steps start .. max_iter - 1 and returns (state, the last metrics).
+
+    step(state, i) -> (state, metrics): step i, reading its own batches; metrics stay on the
+        device except at the steps that log or save.
+    describe(host metrics) -> the middle of the log line ("loss 0.1234, lr 0.00100", ...).
+    after_step(state, done) -> (state, ran): a job between the step and the checkpoint
+        (PreciseBN, detectron2's hook order); the throughput restarts when it ran.
+    data_state() -> what the checkpoint stores beside the state (the iterators' positions).
+    evaluate(state) -> {name: float}, on process 0 every eval_every steps and at the last
+        (eval_every 0: never); logged and written, and the throughput restarts after it.
+
+    At the log and save steps the metrics come to the host, where a non-finite total loss stops
+    the run naming the last good checkpoint; every log_every steps (and at the end) they are
+    written with images_per_s and logged with the ETA. A checkpoint every checkpoint_every steps
+    and at the end. The checkpointer, the writer and the iterators in `close` are closed however
+    the loop ends.
+    """
+    last_good = checkpointer.latest_step()
+    metrics, t0, n_images = {}, time.perf_counter(), 0
+    t_start = t0
+    try:
+        for i in range(start, max_iter):
+            state, metrics = step(state, i)
+            n_images += images_per_step
+            done = i + 1
+            log_now = done % log_every == 0 or done == max_iter
+            save_now = done % checkpoint_every == 0 or done == max_iter
+            if log_now or save_now:
+                host = host_metrics(metrics, done, checkpointer, last_good)
+                host["images_per_s"] = n_images / max(time.perf_counter() - t0, 1e-9)
+                t0, n_images = time.perf_counter(), 0
+                metrics = host
+                if writer is not None and log_now:
+                    writer.write_scalars(done, host)
+                    logging.info(
+                        "step %d/%d: %s, %.1f images/s, %s",
+                        done,
+                        max_iter,
+                        describe(host),
+                        host["images_per_s"],
+                        eta_text(done, start, max_iter, time.perf_counter() - t_start),
+                    )
+            if after_step is not None:
+                state, ran = after_step(state, done)
+                if ran:
+                    t0, n_images = time.perf_counter(), 0  # throughput excludes it
+            if save_now:
+                checkpointer.save(done, state, data_state())
+                last_good = done
+            if evaluate is not None and eval_every and (done % eval_every == 0 or done == max_iter):
+                if jax.process_index() == 0:
+                    val = evaluate(state)
+                    metrics = {**metrics, **val}
+                    writer.write_scalars(done, val)
+                    logging.info(
+                        "step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                    )
+                # Training throughput excludes evaluation.
+                t0, n_images = time.perf_counter(), 0
+    finally:
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+        for it in close:
+            if hasattr(it, "close"):
+                it.close()
+    return state, metrics

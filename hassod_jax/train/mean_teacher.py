@@ -25,7 +25,6 @@ Everything from the EMA to the optimizer update is one jitted step over the Mesh
 from __future__ import annotations
 
 import os
-import time
 
 import flax
 import jax
@@ -37,7 +36,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hassod_jax import ops, parallel, utils
 from hassod_jax.discovery.hierarchy import hierarchy_levels_padded
-from hassod_jax.train import checkpoint as ckpt_lib
 from hassod_jax.train import loop, optim, schedules, supervised
 
 EMA_KEEP = 0.9996
@@ -429,85 +427,58 @@ def train(config, workdir):
     model, variables = build_model(config)
     tx, schedule = make_optimizer(config)
     state = jax.device_put(init_mt_state(variables, tx), replicated)
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+    checkpointer, state, _, start = loop.restore(
+        workdir, state, replicated, config.keep_checkpoints
     )
-    state, _ = checkpointer.restore(state)
-    start = int(state.step)
-    if start:
-        logging.info("Resuming at step %d", start)
-    state = jax.device_put(state, replicated)
 
     records = loader.open_records(train_json=config.train_json, images=config.images)
     use_unsup = bool(config.get("unsup", True))
     iters = make_streams(config, records, start)
     step_fn = jit_mt_step(config, model, tx, schedule, mesh)
     rng = jax.random.PRNGKey(config.seed)
-    writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
+    writer = loop.make_writer(workdir)
     loop.log_parameters(state.params)
-    last_good = checkpointer.latest_step()
-    predict_fn = None
-    if eval_on and jax.process_index() == 0:
-        from hassod_jax.evaluate import predict
+    predict_fn = loop.eval_predict_fn(model, eval_on)
 
-        predict_fn = predict.make_predict_fn(model)
-    n_img = config.batch_size_label + (config.batch_size_unlabel if use_unsup else 0)
-    metrics, t0, n_images = {}, time.perf_counter(), 0
-    t_start = t0
-    try:
-        for step in range(start, config.max_iter):
-            label = _shard(next(iters["label"]), data)
-            unlabel = _shard(next(iters["unlabel"]), data) if use_unsup else label  # unread
-            state, metrics = step_fn(state, label, unlabel, rng)
-            n_images += n_img
-            done = step + 1
-            log_now = done % config.log_every == 0 or done == config.max_iter
-            save_now = done % config.checkpoint_every == 0 or done == config.max_iter
-            if log_now or save_now:
-                host = loop.host_metrics(metrics, done, checkpointer, last_good)
-                host["images_per_s"] = n_images / max(time.perf_counter() - t0, 1e-9)
-                t0, n_images = time.perf_counter(), 0
-                metrics = host
-                if writer is not None and log_now:
-                    writer.write_scalars(done, host)
-                    logging.info(
-                        "step %d/%d: loss %.4f (w_sup %.3f, w_unsup %.3f), lr %.5f, "
-                        "%.1f teacher targets/image, %.1f images/s, %s",
-                        done, config.max_iter, host["total_loss"], host["w_sup"],
-                        host["w_unsup"], host["lr"], host["teacher/targets_per_image"],
-                        host["images_per_s"],
-                        loop.eta_text(done, start, config.max_iter,
-                                            time.perf_counter() - t_start),
-                    )
-            if save_now:
-                checkpointer.save(
-                    done, state, {k: it.get_state() for k, it in iters.items()}
-                )
-                last_good = done
-            if eval_on and (done % config.eval_every == 0 or done == config.max_iter):
-                if jax.process_index() == 0:
-                    val = loop.evaluate_state(config, model, state, predict_fn)
-                    tval = loop.evaluate_state(config, model, TeacherView(state),
-                                                     predict_fn)
-                    val.update({k.replace("val/", "val_teacher/", 1): v for k, v in tval.items()})
-                    metrics = {**metrics, **val}
-                    writer.write_scalars(done, val)
-                    logging.info(
-                        "step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in val.items())
-                    )
-                t0, n_images = time.perf_counter(), 0
-        if jax.process_index() == 0 and int(state.step) == config.max_iter:
-            final = os.path.join(workdir, "model_final")
-            student = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-            export_detector(final, student, model.config, source="mean_teacher student")
-            logging.info("The student (the model Mean Teacher produces) is in %s", final)
-    finally:
-        checkpointer.close()
-        if writer is not None:
-            writer.close()
-        for it in iters.values():
-            if hasattr(it, "close"):
-                it.close()
+    def step(state, i):
+        label = _shard(next(iters["label"]), data)
+        unlabel = _shard(next(iters["unlabel"]), data) if use_unsup else label  # unread
+        return step_fn(state, label, unlabel, rng)
+
+    def describe(h):
+        return (
+            f"loss {h['total_loss']:.4f} (w_sup {h['w_sup']:.3f}, w_unsup {h['w_unsup']:.3f}), "
+            f"lr {h['lr']:.5f}, {h['teacher/targets_per_image']:.1f} teacher targets/image"
+        )
+
+    def evaluate(state):
+        val = loop.evaluate_state(config, model, state, predict_fn)
+        tval = loop.evaluate_state(config, model, TeacherView(state), predict_fn)
+        val.update({k.replace("val/", "val_teacher/", 1): v for k, v in tval.items()})
+        return val
+
+    state, metrics = loop.run(
+        state,
+        step,
+        start=start,
+        max_iter=config.max_iter,
+        checkpointer=checkpointer,
+        writer=writer,
+        images_per_step=config.batch_size_label
+        + (config.batch_size_unlabel if use_unsup else 0),
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        describe=describe,
+        data_state=lambda: {k: it.get_state() for k, it in iters.items()},
+        eval_every=config.get("eval_every", 0),
+        evaluate=evaluate if eval_on else None,
+        close=tuple(iters.values()),
+    )
+    if jax.process_index() == 0 and int(state.step) == config.max_iter:
+        final = os.path.join(workdir, "model_final")
+        student = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        export_detector(final, student, model.config, source="mean_teacher student")
+        logging.info("The student (the model Mean Teacher produces) is in %s", final)
     return state, metrics
 
 

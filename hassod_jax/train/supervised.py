@@ -23,7 +23,6 @@ iterator are untouched, so a resumed run recomputes the same statistics.
 
 import dataclasses
 import os
-import time
 
 import flax
 import jax
@@ -34,7 +33,6 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hassod_jax import parallel, utils
-from hassod_jax.train import checkpoint as ckpt_lib
 from hassod_jax.train import loop, optim, precise_bn, schedules
 
 
@@ -245,14 +243,9 @@ def train(config, workdir):
     init_rng, step_rng = jax.random.split(rng)
     state = init_state(model, tx, init_rng, config.resnet_checkpoint or None)
     state = jax.device_put(state, replicated)
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+    checkpointer, state, _, start = loop.restore(
+        workdir, state, replicated, config.keep_checkpoints
     )
-    state, data_state = checkpointer.restore(state)
-    start = int(state.step)
-    if start:
-        logging.info("Resuming at step %d", start)
-    state = jax.device_put(state, replicated)
 
     records = loader.open_records(train_json=config.train_json, images=config.images)
     train_loader_config = loader_config(config)
@@ -273,77 +266,47 @@ def train(config, workdir):
             num_iters=config.precise_bn_iters,
             estimator=config.get("precise_bn_estimator", "population"),
         )
-    writer = utils.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
+    writer = loop.make_writer(workdir)
     loop.log_parameters(state.params)
-    last_good = checkpointer.latest_step()
-    predict_fn = None
-    if eval_on and jax.process_index() == 0:
-        from hassod_jax.evaluate import predict
+    predict_fn = loop.eval_predict_fn(model, eval_on)
 
-        predict_fn = predict.make_predict_fn(model)
-    metrics, t0, n_images = {}, time.perf_counter(), 0
-    t_start = t0
-    try:
-        for step in range(start, config.max_iter):
-            batch = next(it)
-            state, metrics = step_fn(state, shard_batch(batch, data_sharding), step_rng)
-            n_images += config.batch_size
-            done = step + 1
-            log_now = done % config.log_every == 0 or done == config.max_iter
-            save_now = done % config.checkpoint_every == 0 or done == config.max_iter
-            if log_now or save_now:
-                host = loop.host_metrics(metrics, done, checkpointer, last_good)
-                elapsed = time.perf_counter() - t0
-                host["images_per_s"] = n_images / max(elapsed, 1e-9)
-                t0, n_images = time.perf_counter(), 0
-                metrics = host
-                if writer is not None and log_now:
-                    writer.write_scalars(done, host)
-                    logging.info(
-                        "step %d/%d: loss %.4f, lr %.5f, %.1f images/s, %s",
-                        done,
-                        config.max_iter,
-                        host["total_loss"],
-                        host["lr"],
-                        host["images_per_s"],
-                        loop.eta_text(done, start, config.max_iter, time.perf_counter() - t_start),
-                    )
-            if pbn is not None and precise_bn.runs_at(
-                done, config.precise_bn_every, config.max_iter
-            ):
-                # As detectron2's hook order: after the step, before the checkpoint and the
-                # evaluation, so both see the recomputed statistics.
-                state = precise_bn.run_for_step(
-                    pbn,
-                    state,
-                    records,
-                    train_loader_config,
-                    done,
-                    worker_count=config.data.workers,
-                    process_index=jax.process_index(),
-                    process_count=jax.process_count(),
-                )
-                t0, n_images = time.perf_counter(), 0  # throughput excludes PreciseBN
-            if save_now:
-                checkpointer.save(done, state, it.get_state())
-                last_good = done
-            if eval_on and (done % config.eval_every == 0 or done == config.max_iter):
-                if jax.process_index() == 0:
-                    val = loop.evaluate_state(config, model, state, predict_fn)
-                    metrics = {**metrics, **val}
-                    writer.write_scalars(done, val)
-                    logging.info(
-                        "step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in val.items())
-                    )
-                # Training throughput excludes evaluation.
-                t0, n_images = time.perf_counter(), 0
-    finally:
-        checkpointer.close()
-        if writer is not None:
-            writer.close()
-        if hasattr(it, "close"):
-            it.close()
-    return state, metrics
+    def step(state, i):
+        return step_fn(state, shard_batch(next(it), data_sharding), step_rng)
+
+    def after_step(state, done):
+        if pbn is None or not precise_bn.runs_at(done, config.precise_bn_every, config.max_iter):
+            return state, False
+        state = precise_bn.run_for_step(
+            pbn,
+            state,
+            records,
+            train_loader_config,
+            done,
+            worker_count=config.data.workers,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return state, True
+
+    return loop.run(
+        state,
+        step,
+        start=start,
+        max_iter=config.max_iter,
+        checkpointer=checkpointer,
+        writer=writer,
+        images_per_step=config.batch_size,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        describe=lambda h: f"loss {h['total_loss']:.4f}, lr {h['lr']:.5f}",
+        data_state=it.get_state,
+        after_step=after_step,
+        eval_every=config.get("eval_every", 0),
+        evaluate=(lambda state: loop.evaluate_state(config, model, state, predict_fn))
+        if eval_on
+        else None,
+        close=(it,),
+    )
 
 
 def run(config, workdir):
