@@ -1,8 +1,8 @@
-"""experiments/reproduce: the dry runs of the reproduction scripts on a generated tree of the
+"""tools/reproduce: the dry runs of the reproduction scripts on a generated tree of the
 official layouts (every input, checkpoint and output location checked, the plan printed, the
 sharding for 1 GPU, an 8-GPU node, several hosts and a TPU pod slice), stages that run, skip
 and resume, the table in the paper's layout, and plan.py's figures read from RESULTS.md; and
-the whole toy chain (experiments/reproduce/toy_run.py --ablations) run for real, about 3
+the whole toy chain (tools/reproduce/toy_run.py --ablations) run for real, about 3
 minutes on 2 cores, almost all of it XLA compiles and process start-ups."""
 
 import importlib.util
@@ -16,7 +16,7 @@ import pytest
 from tests.xla_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REPRO = os.path.join(ROOT, "experiments", "reproduce")
+REPRO = os.path.join(ROOT, "tools", "reproduce")
 RESULTS = os.path.join(ROOT, "experiments", "RESULTS.md")
 
 

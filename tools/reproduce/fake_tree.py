@@ -13,7 +13,7 @@ dry runs and for their toy run (generated scenes with whole / part / subpart mas
                                                     archives with torch's header and no
                                                     tensors (a dry run checks the header only)
 
-    python experiments/reproduce/fake_tree.py ROOT [--train 4 --unlabeled 2 --val 3 ...]
+    python tools/reproduce/fake_tree.py ROOT [--train 4 --unlabeled 2 --val 3 ...]
 
 `paths(ROOT)` gives the arguments of the scripts for such a tree.
 """

@@ -4,7 +4,7 @@ targets: the final Mean Teacher student) and, with --ablations, the two that nee
 own (plain: stage 2.2 with the level loss weighted 0; + Mean Teacher: Mean Teacher with
 constant loss weights).
 
-    python experiments/reproduce/hassod.py --work /runs/hassod \
+    python tools/reproduce/hassod.py --work /runs/hassod \
         --coco /data/coco --lvis /data/lvis/lvis_v1_val.json \
         --objects365-json /data/objects365/val/zhiyuan_objv2_val.json \
         --objects365-images /data/objects365/val \
@@ -431,7 +431,7 @@ def write_table(args):
 def main(argv=None):
     args = parse_args(argv)
     stages, problems = build(args)
-    title = "HASSOD main table and detector ablations (experiments/reproduce/hassod.py)"
+    title = "HASSOD main table and detector ablations (tools/reproduce/hassod.py)"
     return chain.main_flow(args, stages, title, problems)
 
 

@@ -1,7 +1,7 @@
 """The reproduction's cost, stage by stage, from the figures measured in experiments/RESULTS.md.
 
-    python experiments/reproduce/plan.py --gpus 8 --kind h200
-    python experiments/reproduce/plan.py --gpus 1 --kind cpu [--json]
+    python tools/reproduce/plan.py --gpus 8 --kind h200
+    python tools/reproduce/plan.py --gpus 1 --kind cpu [--json]
 
 Every rate is read from RESULTS.md at run time (its date, section and row are printed beside
 it); a figure that RESULTS.md lacks is reported as missing, never guessed. Where a bound
@@ -25,7 +25,7 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(os.path.dirname(HERE), "RESULTS.md")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "experiments", "RESULTS.md")
 
 STAGE1_IMAGES = 118_287 + 123_403
 TRAIN_IMAGES = 40_000 * 16

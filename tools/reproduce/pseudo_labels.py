@@ -3,7 +3,7 @@ threshold's pseudo-labels (0.1, 0.2, 0.4) and their ensemble scored against the 
 COCO+LVIS ground truth (Mask AR / Mask AP and labels per image; paper: 4.1/1.8 (2.58),
 5.3/1.8 (4.20), 7.8/1.3 (11.61), ensemble 8.9/1.7 (12.69)).
 
-    python experiments/reproduce/pseudo_labels.py --work /runs/pl \
+    python tools/reproduce/pseudo_labels.py --work /runs/pl \
         --coco /data/coco --lvis /data/lvis/lvis_v1_val.json \
         --dino-vit /weights/dino_vitbase8_pretrain.pth --gpus 8 [--dry-run]
 
@@ -143,7 +143,7 @@ def main(argv=None):
     return chain.main_flow(
         args,
         stages,
-        "Pseudo-label ablation rows (experiments/reproduce/pseudo_labels.py)",
+        "Pseudo-label ablation rows (tools/reproduce/pseudo_labels.py)",
         problems,
     )
 

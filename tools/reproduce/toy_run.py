@@ -5,7 +5,7 @@ real commands (prepare_gt on each benchmark, stage 1 with the weight-free stand-
 evaluation on COCO+LVIS, LVIS, Objects365 and SA-1B) and writes the table in the paper's
 layout; then pseudo_labels.py --toy gives the pseudo-label rows. CPU only.
 
-    python experiments/reproduce/toy_run.py --work /tmp/hassod_toy [--ablations] [--dry-run]
+    python tools/reproduce/toy_run.py --work /tmp/hassod_toy [--ablations] [--dry-run]
 
 The numbers mean nothing (a few steps on a few generated images); the run shows the chain
 end to end. It takes about 3 minutes on a 2-core CPU with --ablations, mostly XLA compiles
