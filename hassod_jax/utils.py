@@ -29,6 +29,17 @@ def require(config, *names, mode=None):
         )
 
 
+def compute_dtype(name, field="dtype"):
+    """The jnp dtype a config's compute-dtype name stands for ('float32' or 'bfloat16'); a
+    ConfigError naming --config.FIELD for any other."""
+    import jax.numpy as jnp  # jax only where a model is built: the command line stays light
+
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ConfigError(f"--config.{field} must be float32 or bfloat16, got {name!r}")
+    return dtypes[name]
+
+
 def current_umask():
     """The process's umask, read without changing it where Linux reports it (os.umask can
     only be read by setting it, which is not thread-safe)."""

@@ -370,6 +370,12 @@ MUTANTS = [
         ("tests/train/test_loop.py::"
          "test_a_non_finite_loss_stops_naming_the_last_good_checkpoint",),
     ),
+    Mutant(
+        "compute_dtype_unchecked",
+        "an unknown config.dtype reaches the dtype table (a KeyError traceback, not one line)",
+        (Edit("hassod_jax/utils.py", "    if name not in dtypes:\n", "    if False:\n"),),
+        ("tests/test_user_errors.py::test_an_unknown_compute_dtype_names_the_field",),
+    ),
     # The learning check (each runs the whole check: about 10 minutes of one core).
     Mutant(
         "mt_check_targets_dropped",

@@ -197,3 +197,28 @@ def test_loader_fields(tmp_path):
     assert "--config.data.buckets" in msg and "(100, 100)" in msg
     msg = _user_error(loader.LoaderConfig(global_batch_size=2, max_instances=0).validate)
     assert "--config.data.max_instances" in msg
+
+
+@pytest.mark.parametrize("build", ["train", "mean_teacher", "discover"])
+def test_an_unknown_compute_dtype_names_the_field(tmp_path, build):
+    # Each mode turns config.dtype into the model's dtype with one shared function; a dtype it
+    # does not know is a user error naming the field, before any weights are read.
+    c = {"train": defaults.training, "mean_teacher": defaults.mean_teacher,
+         "discover": defaults.discovery}[build]()
+    c.dtype = "float16"
+    if build == "train":
+        from hassod_jax.train import supervised
+
+        msg = _user_error(supervised.build_model, c)
+    elif build == "mean_teacher":
+        from hassod_jax.train import mean_teacher
+
+        c.init_checkpoint = str(tmp_path / "missing")
+        msg = _user_error(mean_teacher.build_model, c)
+    else:
+        from hassod_jax.discovery import pipeline
+
+        (tmp_path / "dino.pth").write_bytes(b"")
+        c.images, c.dino_checkpoint = str(tmp_path), str(tmp_path / "dino.pth")
+        msg = _user_error(pipeline.FeatureExtractor, c)
+    assert "--config.dtype" in msg and "float16" in msg and "bfloat16" in msg

@@ -77,11 +77,9 @@ class FeatureExtractor:
         self.kind = config.backbone
         if self.kind == "dino":
             path = config.dino_checkpoint
-            import jax.numpy as jnp
-
+            dtype = utils.compute_dtype(config.dtype)
             from hassod_jax.models import vit
 
-            dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
             module, params = vit.load_dino_vit(path, dtype=dtype)
             self.patch = module.patch_size
             self._features = vit.make_feature_fn(module, params, kind=config.feature_kind)

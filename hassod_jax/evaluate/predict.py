@@ -647,8 +647,7 @@ def _check_predict_config(config):
         raise utils.ConfigError(
             f"--config.batch_size must be >= 0 (0: one image per device), got {config.batch_size}"
         )
-    if config.dtype not in ("float32", "bfloat16"):
-        raise utils.ConfigError(f"--config.dtype must be float32 or bfloat16, got {config.dtype!r}")
+    utils.compute_dtype(config.dtype)
     return parse_levels(config.levels)
 
 
@@ -663,7 +662,6 @@ def run(config, workdir):
     import time
 
     import jax
-    import jax.numpy as jnp
     from absl import logging
 
     from hassod_jax import utils
@@ -677,7 +675,7 @@ def run(config, workdir):
         items = items[: config.max_images]
     if not items:
         raise FileNotFoundError(f"--config.images={config.images}: no image files found there")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    dtype = utils.compute_dtype(config.dtype)
     module, variables = load_detector(
         config.checkpoint, which=config.which, dtype=dtype, detections_per_image=config.detections
     )

@@ -312,11 +312,11 @@ def build_model(config):
     both start from."""
     from hassod_jax.weights.detectron2 import load_detector
 
+    dtype = utils.compute_dtype(config.dtype)
     module, variables = load_detector(
         config.init_checkpoint, which=config.init_which,
         **supervised.model_overrides(config.model),
     )
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     return module.clone(dtype=dtype), variables
 
 

@@ -65,7 +65,8 @@ def build_model(config, dtype=None):
             f"config.model.size must be 'r50' or 'small', got {config.model.size!r}"
         )
     cfg = dataclasses.replace(base, **model_overrides(config.model))
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype or config.dtype]
+    # Only PreciseBN's model is built with a dtype of its own (config.precise_bn_dtype).
+    dtype = utils.compute_dtype(dtype or config.dtype, "precise_bn_dtype" if dtype else "dtype")
     return detector.CascadeMaskRCNN(cfg, dtype=dtype)
 
 
