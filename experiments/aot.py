@@ -355,8 +355,8 @@ def _discovery_setup(devices, opts):
     host = _host_devices(devices)
     per_chip = opts.per_chip or 32
     size = (opts.image or (cfg.image_size, cfg.image_size))[0]
-    # config.batch_size is the host batch the ViT splits over the host's chips and HAC and the
-    # CRF take whole on one chip.
+    # config.batch_size is the host batch the ViT splits over the host's chips and HAC takes
+    # whole on one chip; the CRF splits its (image, threshold) pairs over the host's chips.
     return cfg, host, per_chip, size, per_chip * len(host)
 
 
@@ -953,7 +953,8 @@ def format_details(r):
              f"{r['libtpu']}; {r['code']}){': ' + r['error'] if r.get('error') else ''}"]
     if r.get("host_batch"):
         lines.append(f"  host batch {r['host_batch']} (config.batch_size): the ViT splits it over "
-                     "one host's chips, HAC and the CRF take it whole on one chip"
+                     "one host's chips, HAC takes it whole on one chip, the CRF splits its "
+                     "pairs over the host's chips"
                      + (f"; CRF labels {r['crf_labels']}" if r.get("crf_labels") else ""))
     for p in r.get("parts", []):
         lines.append(f"  part {p['part']}: {p['status']}, compile {p['compile_s']:.1f} s, temp "
