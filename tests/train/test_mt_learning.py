@@ -24,8 +24,8 @@ training's. Also: the teacher made targets, and it followed the student as an EM
 
 Measured (experiments/RESULTS.md, "2026-12-07 (issue: Mean Teacher to the last bit)"): over
 seeds 0-4 with XLA's CPU threads at 1 (as in the test run: the xdist worker is pinned to one
-CPU) and at 2, Mean Teacher's lead in recall at 0.9 ranged over +0.075..+0.160 (at 0.7: +0.045..+0.105) and
-the teacher's relative move over 0.083-0.084 (nine runs); the mutants "teacher targets
+CPU) and at 2, Mean Teacher's lead in recall at 0.9 ranged over +0.075..+0.175 (at 0.7: +0.045..+0.130) and
+the teacher's relative move over 0.083-0.084 (13 runs); the mutants "teacher targets
 dropped", "w_unsup 0", "EMA frozen", "EMA a copy each step" and "the teacher sees the strong
 views" gave the figures in BARS' comments (tests/mutants.py runs them).
 The earlier check (Mean Teacher's held-out mask AR@100 gain above continued training's) was
