@@ -24,25 +24,13 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from hassod_jax.discovery import hac  # noqa: E402
 from hassod_jax.discovery.hierarchy import hierarchy_levels  # noqa: E402
+from tests.discovery.hac_reference import dino_like_features, reference_partitions  # noqa: E402
 
 PAPER = (0.4, 0.2, 0.1)
 SWEEP = tuple(np.linspace(0.0, 0.99, 100))
-
-
-def _features(rng, b, h, w, d):
-    """Piecewise-constant directions plus noise: region structure like real DINO keys."""
-    k = 12
-    yy, xx = np.mgrid[0:h, 0:w]
-    out = []
-    for _ in range(b):
-        seeds = rng.uniform(0, [h, w], size=(k, 2))
-        lab = np.argmin((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2, -1)
-        out.append(rng.standard_normal((k, d))[lab] + 0.7 * rng.standard_normal((h, w, d)))
-    return np.stack(out).astype(np.float32)
 
 
 def _blobs(rng, n, h, w):
@@ -116,7 +104,7 @@ def main(argv=None):
             }
         )
 
-    one_np = _features(rng, 1, h, w, d)[0]
+    one_np = dino_like_features(rng, 1, h, w, d)[0]
     one = jax.device_put(one_np)
     host = hac.native_available()
     if not host:
@@ -136,7 +124,7 @@ def main(argv=None):
         run = lambda thr=thr: hac.hac_partitions(one, thr)  # noqa: E731
         record(f"hac_partitions single {name} (R, h, w) masks", _time(run, repeats), 1)
     for b in batches:
-        feats_np = _features(rng, b, h, w, d)
+        feats_np = dino_like_features(rng, b, h, w, d)
         feats = jax.device_put(feats_np)
         for name, thr in (("(0.4,0.2,0.1)", PAPER), ("100 thresholds", SWEEP)):
             run = cut(hac.merge_sequence_batch, feats, thr)
@@ -157,8 +145,6 @@ def main(argv=None):
             )
 
     if not args.no_oracle:
-        from discovery.hac_reference import reference_partitions
-
         f64 = np.asarray(one, np.float64)
         t0, c0 = time.perf_counter(), time.process_time()
         reference_partitions(f64, PAPER)

@@ -153,3 +153,15 @@ def reference_hierarchy(masks: np.ndarray, coverage: float = 0.9):
             p = parents[p]
         levels[a] = min(depth, 2)
     return levels, parents
+
+
+def dino_like_features(rng, b, h, w, d):
+    """Piecewise-constant directions plus noise: region structure like real DINO keys."""
+    k = 12
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for _ in range(b):
+        seeds = rng.uniform(0, [h, w], size=(k, 2))
+        lab = np.argmin((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2, -1)
+        out.append(rng.standard_normal((k, d))[lab] + 0.7 * rng.standard_normal((h, w, d)))
+    return np.stack(out).astype(np.float32)

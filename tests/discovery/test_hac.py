@@ -7,8 +7,6 @@ cases are counted, and must be rare. Both merge loops are checked: the jit-compi
 (`merge_sequence`, `merge_sequence_batch`) and the host C loop (`merge_sequence_host`).
 """
 
-import os
-import sys
 
 import jax
 import numpy as np
@@ -17,8 +15,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hassod_jax.discovery import hac
 
-sys.path.insert(0, os.path.dirname(__file__))
-from hac_reference import reference_cut, reference_masks, reference_merge_sequence  # noqa: E402
+from tests.discovery.hac_reference import (
+    dino_like_features,
+    reference_cut,
+    reference_masks,
+    reference_merge_sequence,
+)
 
 _TIE = 1e-5
 PAPER = [0.4, 0.2, 0.1]
@@ -170,10 +172,7 @@ def test_host_loop_is_built_and_is_the_cpu_default():
 
 def test_host_and_xla_partitions_agree_on_dino_like_maps():
     """Structured 60x60x768 maps (the benchmark's kind), batched on the host in threads."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
-    from bench_hac import _features
-
-    feats = _features(np.random.default_rng(11), 3, 60, 60, 768)
+    feats = dino_like_features(np.random.default_rng(11), 3, 60, 60, 768)
     host = hac.hac_partitions(feats, PAPER + SWEEP, backend="host")
     for i in range(len(feats)):
         xla = hac.hac_partitions(feats[i], PAPER + SWEEP, backend="xla")

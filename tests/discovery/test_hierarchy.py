@@ -1,8 +1,6 @@
 """The coverage tree (docs/recipe.md, Stage 1, step 4) against the float64 loops of
 hac_reference.py."""
 
-import os
-import sys
 
 import jax
 import numpy as np
@@ -10,8 +8,7 @@ import pytest
 
 from hassod_jax.discovery.hierarchy import hierarchy_levels, hierarchy_levels_padded
 
-sys.path.insert(0, os.path.dirname(__file__))
-from hac_reference import reference_hierarchy  # noqa: E402
+from tests.discovery.hac_reference import reference_hierarchy
 
 
 def _rect(h, w, y0, x0, y1, x1):
