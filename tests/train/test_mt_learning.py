@@ -1,7 +1,7 @@
 """Learning checks: the small detector learns from scratch, and Mean Teacher then does what it
 is for in HASSOD, supervision for the objects the pseudo-labels miss.
 
-One run of `experiments/mt_learning_check.py` at its defaults (seed 0), in a subprocess on one
+One run of `tests/train/mt_learning_check.py` at its defaults (seed 0), in a subprocess on one
 CPU device, shared by both tests:
 1. stage 1: the small detector trained from scratch for 1200 steps by mode=train's loop
    (`supervised.train`: loader, augmentation, losses with DropLoss, sharded step, PreciseBN) on
@@ -24,10 +24,11 @@ training's. Also: the teacher made targets, and it followed the student as an EM
 
 Measured (experiments/RESULTS.md, "2026-12-07 (issue: Mean Teacher to the last bit)"): over
 seeds 0-4 with XLA's CPU threads at 1 (as in the test run: the xdist worker is pinned to one
-CPU) and at 2, Mean Teacher's lead in recall at 0.9 ranged over +0.075..+0.175 (at 0.7: +0.045..+0.130) and
-the teacher's relative move over 0.083-0.084 (13 runs); the mutants "teacher targets
-dropped", "w_unsup 0", "EMA frozen", "EMA a copy each step" and "the teacher sees the strong
-views" gave the figures in BARS' comments (tests/mutants.py runs them).
+CPU) and at 2, Mean Teacher's lead in recall at 0.9 ranged over +0.075..+0.175 (at 0.7:
++0.045..+0.130) and the teacher's relative move over 0.083-0.084 (13 runs); the mutants "teacher
+targets dropped", "w_unsup 0", "EMA frozen", "EMA a copy each step" and "the teacher sees the
+strong views" gave the figures in BARS' comments (tests/mutants.py runs them).
+
 The earlier check (Mean Teacher's held-out mask AR@100 gain above continued training's) was
 reversed by the threading change alone on seed 0 (+0.018 vs +0.024 at one thread).
 
@@ -70,7 +71,7 @@ def check(tmp_path_factory):
     out = tmp / "check.json"
     env = cpu_env(full_opt=True)  # 1800 steps: compiled as users run it
     r = subprocess.run(
-        [sys.executable, os.path.join("experiments", "mt_learning_check.py"), "--out", str(out),
+        [sys.executable, os.path.join("tests", "train", "mt_learning_check.py"), "--out", str(out),
          "--root", str(tmp / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400,
     )

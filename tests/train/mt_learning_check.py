@@ -11,7 +11,7 @@
 3. The students are scored on 64 held-out scenes (`--val-images`) with their COMPLETE ground
    truth: mask and box AR@100 and AP (class-agnostic COCO, the original's protocol).
 
-    python experiments/mt_learning_check.py [--seed 0] [--stage1 1200] [--mt 300] \
+    python tests/train/mt_learning_check.py [--seed 0] [--stage1 1200] [--mt 300] \
         [--drop-every 5] [--train-images 256] [--val-images 64] [--size 128] [--mt-lr 0.01] \
         [--root DIR] [--out FILE.json]
 
@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 SIZE = 128  # scenes are SIZE x SIZE (--size)
 
