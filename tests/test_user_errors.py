@@ -57,14 +57,14 @@ def _pred(image_id, **kw):
 
 
 def _evaluate(tmp_path, preds, gt=None, **fields):
-    from hassod_jax.evaluate import coco_eval
+    from hassod_jax.modes import evaluate as evaluate_mode
 
     c = defaults.evaluation()
     c.gt_json = _write(tmp_path / "ground_truth.json", _gt() if gt is None else gt)
     c.predictions_json = _write(tmp_path / "pseudo_labels_hier.json", preds)
     for k, v in fields.items():
         c[k] = v
-    return _user_error(coco_eval.run, c, str(tmp_path / "w")), c
+    return _user_error(evaluate_mode.run, c, str(tmp_path / "w")), c
 
 
 def test_evaluate_predictions_on_images_the_ground_truth_lacks(tmp_path):

@@ -48,17 +48,17 @@ MODES = {
         "stage 2, second part: Mean Teacher self-training from a trained detector",
     ),
     "prepare_gt": Mode(
-        "hassod_jax.data.prepare_gt:run",
+        "hassod_jax.modes.prepare_gt:run",
         "configs/prepare_gt.py",
         "class-agnostic ground truth from COCO, LVIS, Objects365, SA-1B, UVO or KITTI files",
     ),
     "evaluate": Mode(
-        "hassod_jax.evaluate.coco_eval:run",
+        "hassod_jax.modes.evaluate:run",
         "configs/evaluate.py",
         "class-agnostic COCO AP/AR of a prediction file",
     ),
     "predict": Mode(
-        "hassod_jax.evaluate.predict:run",
+        "hassod_jax.modes.predict:run",
         "configs/predict.py",
         "a trained detector on your images: predictions.json and pictures",
     ),

@@ -19,6 +19,7 @@ from PIL import Image
 
 from hassod_jax import utils
 from hassod_jax.data import prepare_gt as P
+from hassod_jax.modes import prepare_gt as prepare_gt_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "prepare_gt.py")
@@ -94,7 +95,7 @@ def _score(gt_path, iou_type):
 
 def _run(tmp_path, **fields):
     out = str(tmp_path / "out" / f"{fields['format']}.json")
-    summary = P.run(_config(output=out, **fields), str(tmp_path / "w"))
+    summary = prepare_gt_mode.run(_config(output=out, **fields), str(tmp_path / "w"))
     with open(out) as f:
         data = json.load(f)
     assert data["categories"] == [{"id": 1, "name": "fg", "supercategory": "fg"}]
@@ -539,7 +540,7 @@ def test_lvis_default_file_names_resolve_in_the_documented_layout(tmp_path):
         Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(coco_root / split / name)
     path = _write(tmp_path / "lvis_v1_val.json", lvis_val())
     out = str(tmp_path / "out" / "lvis.json")
-    s = P.run(_config(format="lvis", input=path, output=out), str(tmp_path / "w"))
+    s = prepare_gt_mode.run(_config(format="lvis", input=path, output=out), str(tmp_path / "w"))
     with open(out) as f:
         data = json.load(f)
     for im in data["images"]:
@@ -598,7 +599,7 @@ def test_coco_lvis_cutler_merge_rule_and_both_counts_in_the_summary(tmp_path):
     for t in ("segm", "bbox"):
         assert _score(out, t)[0] == pytest.approx(1.0)
     with pytest.raises(utils.ConfigError, match="dedup_rule"):
-        P.run(
+        prepare_gt_mode.run(
             _config(format="coco_lvis", input=coco, lvis_json=lvis, dedup_rule="nms"),
             str(tmp_path / "w"),
         )
@@ -632,7 +633,7 @@ def test_coco_lvis_removes_duplicates_by_mask_iou(tmp_path):
 def test_coco_lvis_needs_the_lvis_file(tmp_path):
     coco = _write(tmp_path / "instances_val2017.json", coco_instances())
     with pytest.raises(utils.ConfigError, match="lvis_json"):
-        P.run(_config(format="coco_lvis", input=coco), str(tmp_path / "w"))
+        prepare_gt_mode.run(_config(format="coco_lvis", input=coco), str(tmp_path / "w"))
 
 
 def test_objects365_boxes_only(tmp_path):
@@ -720,7 +721,7 @@ def test_missing_field_is_a_counted_skip_or_one_line_error(tmp_path):
     }
     assert s["examples"]["image without 'height'"] == [f"{path}: images[1] (id 285)"]
     with pytest.raises(utils.InputError) as e:
-        P.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
+        prepare_gt_mode.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{path}: images[1] (id 285): image without")
 
@@ -734,7 +735,7 @@ def test_missing_field_is_a_counted_skip_or_one_line_error(tmp_path):
         match=r"annotations\[0\] \(id 1001\): annotation "
         "without 'segmentation'",
     ):
-        P.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
+        prepare_gt_mode.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
 
 
 def test_polygon_with_fewer_than_3_points(tmp_path):
@@ -753,7 +754,7 @@ def test_polygon_with_fewer_than_3_points(tmp_path):
     # strict stops at what normal mode skips whole (annotation 3, no polygon left), not at the
     # dropped part of annotation 1
     with pytest.raises(utils.InputError) as e:
-        P.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
+        prepare_gt_mode.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
     assert "\n" not in str(e.value)
     assert str(e.value).startswith(f"{path}: annotations[3] (id 1004): {P.NO_VALID_POLYGON}")
 
@@ -798,7 +799,7 @@ def test_polygon_part_with_an_odd_number_of_coordinates_is_dropped_alone(tmp_pat
             )
     assert _score(out, "segm")[0] == pytest.approx(1.0)
     with pytest.raises(utils.InputError, match=r"annotations\[3\] \(id 1004\)"):
-        P.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
+        prepare_gt_mode.run(_config(format="coco", input=path, strict=True), str(tmp_path / "w"))
 
 
 def test_rle_of_the_wrong_size(tmp_path):
@@ -822,7 +823,9 @@ def test_rle_of_the_wrong_size(tmp_path):
         f"{bad_path}: annotations[0] (id 200) (RLE [25, 32], image [24, 32])"
     ]
     with pytest.raises(utils.InputError) as e:
-        P.run(_config(format="sa1b", input=str(folder), strict=True), str(tmp_path / "w"))
+        prepare_gt_mode.run(
+            _config(format="sa1b", input=str(folder), strict=True), str(tmp_path / "w")
+        )
     assert "\n" not in str(e.value)
     assert str(e.value).startswith(f"{bad_path}: annotations[0] (id 200): RLE size differs")
     # the crowd (uncompressed) form is checked too
@@ -861,11 +864,13 @@ def test_kitti_malformed_line(tmp_path):
 def test_wrong_file_and_format_errors(tmp_path):
     path = _write(tmp_path / "x.json", {"videos": []})
     with pytest.raises(utils.InputError, match="no 'images' list"):
-        P.run(_config(format="coco", input=path), str(tmp_path / "w"))
+        prepare_gt_mode.run(_config(format="coco", input=path), str(tmp_path / "w"))
     with pytest.raises(utils.ConfigError, match="format must be one of"):
-        P.run(_config(format="voc", input=path), str(tmp_path / "w"))
+        prepare_gt_mode.run(_config(format="voc", input=path), str(tmp_path / "w"))
     with pytest.raises(FileNotFoundError, match="not found"):
-        P.run(_config(format="coco", input=str(tmp_path / "none.json")), str(tmp_path / "w"))
+        prepare_gt_mode.run(
+            _config(format="coco", input=str(tmp_path / "none.json")), str(tmp_path / "w")
+        )
 
 
 def test_rle_string_counts_matches_the_runs(tmp_path):

@@ -14,6 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 from hassod_jax import defaults, utils
 from hassod_jax.evaluate import coco_eval
+from hassod_jax.modes import evaluate as evaluate_mode
 
 H, W = 64, 80
 ORIGINAL_KEYS = [
@@ -384,13 +385,13 @@ def test_polygon_predictions_and_run_writes_json(tmp_path):
     cfg.gt_json, cfg.predictions_json = str(gt_path), str(pred_path)
     work = tmp_path / "work"
     with pytest.raises(ValueError) as err:
-        coco_eval.run(cfg, str(work))
+        evaluate_mode.run(cfg, str(work))
     msg = str(err.value)
     assert "\n" not in msg and str(pred_path) in msg and str(gt_path) in msg
     assert "--config.restrict_to_gt=True" in msg and "e.g. [7]" in msg
     assert not (work / "eval.json").exists()
     cfg.restrict_to_gt = True
-    metrics = coco_eval.run(cfg, str(work))
+    metrics = evaluate_mode.run(cfg, str(work))
     written = json.loads((work / "eval.json").read_text())
     assert written["segm"]["AP"] == pytest.approx(1.0, abs=1e-15)
     assert written["bbox"] == metrics["bbox"]
@@ -402,11 +403,11 @@ def test_polygon_predictions_and_run_writes_json(tmp_path):
     assert written["gt_json"] == str(gt_path)
     cfg.extras = "AR@1,levls"
     with pytest.raises(utils.ConfigError, match=r"--config.extras: extras: unknown entry 'levls'"):
-        coco_eval.run(cfg, str(work))
+        evaluate_mode.run(cfg, str(work))
     cfg.extras = "AR@1"
     cfg.output = str(tmp_path / "e.json")
-    coco_eval.run(cfg, str(work))
+    evaluate_mode.run(cfg, str(work))
     assert json.loads((tmp_path / "e.json").read_text())["segm"]["extra/AR@1"] == 1.0
     cfg.gt_json = ""
     with pytest.raises(ValueError, match="gt_json"):
-        coco_eval.run(cfg, str(work))
+        evaluate_mode.run(cfg, str(work))
