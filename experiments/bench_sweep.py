@@ -48,7 +48,7 @@ def write_demo_images(folder, n):
 
 def child(args):
     from hassod_jax import defaults
-    from hassod_jax.discovery import sweep
+    from hassod_jax.modes import discovery as discovery_modes
 
     c = defaults.sweep()
     c.images, c.coco_json = args.image_dir, args.image_list
@@ -59,7 +59,7 @@ def child(args):
         c.refine = False
     workdir = os.path.join(args.tmp, f"w_{os.getpid()}")
     t0 = time.perf_counter()
-    report = sweep.run(c, workdir)
+    report = discovery_modes.run_sweep(c, workdir)
     wall = time.perf_counter() - t0
     import hassod_jax
 

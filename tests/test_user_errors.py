@@ -132,15 +132,21 @@ def test_discover_bad_coco_json_and_fields(tmp_path):
     from hassod_jax.discovery import pipeline
 
     bad = _write(tmp_path / "list.json", {"images": [{"id": 1}], "annotations": []})
-    msg = _user_error(pipeline.run, _discovery_config(tmp_path, coco_json=bad), str(tmp_path))
+    msg = _user_error(
+        discovery_modes.run_discover, _discovery_config(tmp_path, coco_json=bad), str(tmp_path)
+    )
     assert bad in msg and "file_name" in msg
     bad = _write(tmp_path / "list2.json", [1, 2])
-    msg = _user_error(pipeline.run, _discovery_config(tmp_path, coco_json=bad), str(tmp_path))
+    msg = _user_error(
+        discovery_modes.run_discover, _discovery_config(tmp_path, coco_json=bad), str(tmp_path)
+    )
     assert bad in msg
-    msg = _user_error(pipeline.run, _discovery_config(tmp_path, coverage=2.0), str(tmp_path))
+    msg = _user_error(
+        discovery_modes.run_discover, _discovery_config(tmp_path, coverage=2.0), str(tmp_path)
+    )
     assert "--config.coverage" in msg
     c = _discovery_config(tmp_path, num_jobs=2, job_index=5)
-    msg = _user_error(pipeline.run, c, str(tmp_path / "w"))
+    msg = _user_error(discovery_modes.run_discover, c, str(tmp_path / "w"))
     assert "--config.job_index" in msg and "--config.num_jobs" in msg
 
 

@@ -791,26 +791,6 @@ def discover(config, workdir, out_name=OUTPUT_DIR):
     return None
 
 
-def run(config, workdir):
-    """mode=discover; then pictures of the first `config.max_pictures` images' pseudo-labels
-    in W/pictures (when this process assembled the final files)."""
-    result = discover(config, workdir)
-    limit = config.get("max_pictures", 0)
-    if result is not None and limit:
-        from hassod_jax.evaluate import visualize
-
-        rows = result["rows"] if limit < 0 else result["rows"][:limit]
-        written = visualize.save_annotation_pictures(
-            os.path.join(workdir, "pictures"),
-            config.images,
-            [im for im, _ in rows],
-            {im["id"]: [("pseudo-labels", res["ensemble"])] for im, res in rows},
-            by_level=config.get("panel_per_level", False),
-        )
-        logging.info("%d pictures in %s", len(written), os.path.join(workdir, "pictures"))
-    return result
-
-
 def merge_thresholds(out_dir, config):
     """The thresholds to assemble `out_dir` with: config.thresholds, which must be those the
     shards were discovered with (the resume record holds them)."""

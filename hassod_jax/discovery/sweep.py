@@ -13,7 +13,8 @@ that threshold's pseudo-labels, of the sweep's full ensemble and of the publishe
 plots them against the threshold.
 
 A sweep split over independent jobs (`num_jobs` > 1) writes only shards; the same command with
-`--config.mode=merge_pseudo_labels` joins them and writes `sweep.json` (`modes.discovery.run_merge`).
+`--config.mode=merge_pseudo_labels` joins them and writes `sweep.json`
+(`modes.discovery.run_merge`).
 """
 
 import os
@@ -92,13 +93,6 @@ def evaluate_thresholds(rows, thresholds, gt_json, ensemble_thresholds=()):
         key = "ensemble_" + "_".join(wanted)
         out[key] = score(lambda res: [a for i in idx for a in res["per_threshold"][i]])
     return out
-
-
-def run(config, workdir):
-    result = pipeline.discover(config, workdir, out_name=OUTPUT_DIR)
-    if result is None:  # a shard of a multi-job sweep: mode=merge_pseudo_labels reports
-        return None
-    return write_report(config, workdir, result["rows"], config.thresholds)
 
 
 def write_report(config, workdir, rows, thresholds):

@@ -12,12 +12,12 @@ class Mode(NamedTuple):
 
 MODES = {
     "discover": Mode(
-        "hassod_jax.discovery.pipeline:run",
+        "hassod_jax.modes.discovery:run_discover",
         "configs/discover_coco.py",
         "stage 1: a folder of images -> hierarchical pseudo-labels (resumable, shardable)",
     ),
     "sweep": Mode(
-        "hassod_jax.discovery.sweep:run",
+        "hassod_jax.modes.discovery:run_sweep",
         "configs/sweep_thresholds.py",
         (
             "many HAC thresholds from one merge sequence per image; statistics, AR/AP with ground"

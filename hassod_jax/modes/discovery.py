@@ -1,9 +1,40 @@
-"""mode=merge_pseudo_labels (mode=discover is `discovery.pipeline.run`, mode=sweep
-`discovery.sweep.run`)."""
+"""mode=discover, mode=sweep and mode=merge_pseudo_labels: the discovery library
+(`discovery/pipeline.py`, `discovery/sweep.py`) run as jobs, with the pictures and reports."""
 
 import os
 
+from absl import logging
+
 from hassod_jax.discovery import pipeline, sweep
+from hassod_jax.evaluate import visualize
+
+
+def run_discover(config, workdir):
+    """mode=discover; then pictures of the first `config.max_pictures` images' pseudo-labels
+    in W/pictures (when this process assembled the final files)."""
+    result = pipeline.discover(config, workdir)
+    limit = config.get("max_pictures", 0)
+    if result is not None and limit:
+        rows = result["rows"] if limit < 0 else result["rows"][:limit]
+        written = visualize.save_annotation_pictures(
+            os.path.join(workdir, "pictures"),
+            config.images,
+            [im for im, _ in rows],
+            {im["id"]: [("pseudo-labels", res["ensemble"])] for im, res in rows},
+            by_level=config.get("panel_per_level", False),
+        )
+        logging.info("%d pictures in %s", len(written), os.path.join(workdir, "pictures"))
+    return result
+
+
+def run_sweep(config, workdir):
+    """mode=sweep: per-threshold statistics (and AR/AP with ground truth) from one merge
+    sequence per image; the report (W/sweep/sweep.json, sweep.png), or None on a shard of a
+    multi-job sweep (mode=merge_pseudo_labels reports)."""
+    result = pipeline.discover(config, workdir, out_name=sweep.OUTPUT_DIR)
+    if result is None:  # a shard of a multi-job sweep: mode=merge_pseudo_labels reports
+        return None
+    return sweep.write_report(config, workdir, result["rows"], config.thresholds)
 
 
 def run_merge(config, workdir):

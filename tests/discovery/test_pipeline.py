@@ -353,7 +353,6 @@ def test_sweep_reports_statistics_and_ar_per_threshold(tmp_path):
     """Per-threshold statistics and AR/AP of the sweep equal what each threshold's own output
     file gives: region and mask counts recounted, AR/AP by pycocotools COCOeval directly."""
     from hassod_jax.data import synthetic
-    from hassod_jax.discovery import sweep
 
     image_dir, gt_json = synthetic.write_synthetic_dataset(str(tmp_path / "data"), 3, 0, (96, 128))
     c = defaults.sweep()
@@ -361,7 +360,7 @@ def test_sweep_reports_statistics_and_ar_per_threshold(tmp_path):
     c.thresholds = (0.1, 0.2, 0.3, 0.4)
     for k, v in FAST.items():
         c[k] = v
-    report = sweep.run(c, str(tmp_path / "w"))
+    report = discovery_modes.run_sweep(c, str(tmp_path / "w"))
     saved = _load(tmp_path / "w" / "sweep" / "sweep.json")
     assert saved == json.loads(json.dumps(report))
     assert saved["thresholds"] == [0.1, 0.2, 0.3, 0.4] and saved["images"] == 3

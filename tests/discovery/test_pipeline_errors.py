@@ -9,7 +9,7 @@ import os
 import pytest
 
 from hassod_jax import defaults, utils
-from hassod_jax.discovery import pipeline, sweep
+from hassod_jax.discovery import pipeline
 from hassod_jax.modes import discovery as discovery_modes
 from tests.discovery.test_pipeline import FAST, _config, _load, _write_images
 
@@ -53,7 +53,7 @@ def test_bad_setting_stops_before_anything_is_written(images, tmp_path, override
     _one_line(excinfo, *needles)
     assert not work.exists()  # no resume record that would refuse the corrected rerun
     with pytest.raises(error):  # the sweep stops the same way
-        sweep.run(_config(images, **overrides), str(tmp_path / "s"))
+        discovery_modes.run_sweep(_config(images, **overrides), str(tmp_path / "s"))
     assert not (tmp_path / "s").exists()
 
 
@@ -121,11 +121,13 @@ def test_multi_job_sweep_merges_to_the_single_job_sweep(tmp_path):
     from hassod_jax.data import synthetic
 
     image_dir, gt_json = synthetic.write_synthetic_dataset(str(tmp_path / "data"), 3, 0, (96, 128))
-    single = sweep.run(_sweep_config(image_dir, gt_json, chunk_size=2), str(tmp_path / "one"))
+    single = discovery_modes.run_sweep(
+        _sweep_config(image_dir, gt_json, chunk_size=2), str(tmp_path / "one")
+    )
     work = tmp_path / "two"
     for j in range(2):
         job = _sweep_config(image_dir, gt_json, job_index=j, num_jobs=2)
-        assert sweep.run(job, str(work)) is None
+        assert discovery_modes.run_sweep(job, str(work)) is None
     assert not (work / "sweep" / "sweep.json").exists()  # each job only writes its shard
     merge_config = _sweep_config(image_dir, gt_json)
     merge_config.mode = "merge_pseudo_labels"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hassod_jax import defaults, utils
-from hassod_jax.discovery import crf, pipeline, sweep
+from hassod_jax.discovery import crf, pipeline
+from hassod_jax.modes import discovery as discovery_modes
 from tests.discovery.test_pipeline import FAST, _write_images
 
 THRESHOLDS = (0.1, 0.2, 0.3)
@@ -76,7 +77,7 @@ def test_refine_false_gives_the_raw_hac_masks_without_a_crf(tmp_path, monkeypatc
 def test_sweep_logs_each_threshold_and_refine_false_is_the_quick_curve(tmp_path, caplog):
     _write_images(tmp_path / "imgs", 3)
     with caplog.at_level(logging.INFO):
-        full = sweep.run(_sweep_config(tmp_path / "imgs"), str(tmp_path / "full"))
+        full = discovery_modes.run_sweep(_sweep_config(tmp_path / "imgs"), str(tmp_path / "full"))
     lines = [r.getMessage() for r in caplog.records if "refinements" in r.getMessage()]
     assert lines[0].startswith("3 images x 3 thresholds = 9 refinements")
     per_threshold = [ln for ln in lines if re.match(r"θ=", ln)]
@@ -91,7 +92,9 @@ def test_sweep_logs_each_threshold_and_refine_false_is_the_quick_curve(tmp_path,
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        quick = sweep.run(_sweep_config(tmp_path / "imgs", refine=False), str(tmp_path / "q"))
+        quick = discovery_modes.run_sweep(
+            _sweep_config(tmp_path / "imgs", refine=False), str(tmp_path / "q")
+        )
     assert quick["refine"] is False
     assert json.load(open(tmp_path / "q" / "sweep" / "sweep.json"))["refine"] is False
     msgs = [r.getMessage() for r in caplog.records]
@@ -108,9 +111,9 @@ def test_sweep_logs_each_threshold_and_refine_false_is_the_quick_curve(tmp_path,
 
 def test_a_workdir_is_not_resumed_with_the_other_refine(tmp_path):
     _write_images(tmp_path / "imgs", 2)
-    sweep.run(_sweep_config(tmp_path / "imgs", refine=False), str(tmp_path / "w"))
+    discovery_modes.run_sweep(_sweep_config(tmp_path / "imgs", refine=False), str(tmp_path / "w"))
     with pytest.raises(utils.ConfigError, match="refine: False -> True"):
-        sweep.run(_sweep_config(tmp_path / "imgs"), str(tmp_path / "w"))
+        discovery_modes.run_sweep(_sweep_config(tmp_path / "imgs"), str(tmp_path / "w"))
     # a record written before the field existed means refine=True
     path = tmp_path / "w2" / "pseudo_labels" / "work" / "config.json"
     c = _sweep_config(tmp_path / "imgs", mode="discover")
