@@ -13,5 +13,5 @@ from hassod_jax import defaults
 
 
 def get_config(arg=None):
-    del arg
-    return defaults.mean_teacher()
+    """The recipe; with ':toy' (`--config configs/mean_teacher_coco.py:toy`) its toy-scale preset."""
+    return defaults.preset(arg, defaults.mean_teacher, defaults.toy_mean_teacher, "configs/mean_teacher_coco.py")

@@ -15,5 +15,5 @@ from hassod_jax import defaults
 
 
 def get_config(arg=None):
-    del arg
-    return defaults.training()
+    """The recipe; with ':toy' (`--config configs/train_coco.py:toy`) its toy-scale preset."""
+    return defaults.preset(arg, defaults.training, defaults.toy_training, "configs/train_coco.py")

@@ -255,6 +255,61 @@ def mean_teacher():
     return c
 
 
+def _toy_stage2(c):
+    """The fields both toy presets share: the sampler and proposal counts of a small model, 4
+    steps, 96 x 128 scenes."""
+    c.model.pooler_sampling_ratio = 2
+    c.model.rpn_pre_nms_topk_train = 64
+    c.model.rpn_post_nms_topk_train = 64
+    c.model.roi_batch_size_per_image = 32
+    c.max_iter = 4
+    c.warmup_iters = 2
+    c.log_every = 1
+    c.data.short_edges = (96,)
+    c.data.max_size = 128
+    c.data.buckets = ((96, 128), (128, 96), (128, 128))
+    c.data.max_instances = 8
+    c.data.workers = 0
+    return c
+
+
+def toy_training():
+    """mode=train at toy scale (`configs/train_coco.py:toy`): the small detector on 96 x 128
+    generated scenes, 4 steps of 2 images in float32, on a CPU in seconds; for tests and the
+    reproduction chain's dry run, which set the data and their checkpoint cadence."""
+    c = _toy_stage2(training())
+    c.model.size = "small"
+    c.dtype = "float32"
+    c.batch_size = 2
+    return c
+
+
+def toy_mean_teacher():
+    """mode=mean_teacher at toy scale (`configs/mean_teacher_coco.py:toy`): from a toy detector
+    (widths from its checkpoint), 4 steps of 2 + 2 images, every teacher detection above score 0
+    a target (a barely trained teacher scores low), at most 8 per image."""
+    c = _toy_stage2(mean_teacher())
+    c.model.rpn_pre_nms_topk_test = 64
+    c.model.rpn_post_nms_topk_test = 32
+    c.model.detections_per_image = 32
+    c.model.mask_max_fg = 8
+    c.score_thresh = 0.0
+    c.max_targets = 8
+    c.batch_size_label = 2
+    c.batch_size_unlabel = 2
+    return c
+
+
+def preset(name, recipe, toy, config_file):
+    """get_config(arg) of a config file with a toy preset: the recipe without an argument,
+    `toy()` for 'toy'."""
+    if not name:
+        return recipe()
+    if name == "toy":
+        return toy()
+    raise ValueError(f"{config_file} takes no argument or ':toy', got {name!r}")
+
+
 def prepare_gt():
     """mode=prepare_gt: class-agnostic COCO ground truth ({id 1, "fg"}) from a benchmark's
     official files (the rules: hassod_jax/data/prepare_gt.py and docs/reproduce.md)."""

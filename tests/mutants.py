@@ -376,6 +376,13 @@ MUTANTS = [
         (Edit("hassod_jax/utils.py", "    if name not in dtypes:\n", "    if False:\n"),),
         ("tests/test_user_errors.py::test_an_unknown_compute_dtype_names_the_field",),
     ),
+    Mutant(
+        "toy_preset_changes_the_recipe",
+        "the toy Mean Teacher preset also changes the recipe's coverage",
+        (Edit("hassod_jax/defaults.py", "    c.max_targets = 8\n",
+              "    c.max_targets = 8\n    c.coverage = 0.9\n"),),
+        ("tests/test_main.py::test_toy_preset_changes_the_scale_only",),
+    ),
     # The learning check (each runs the whole check: about 10 minutes of one core).
     Mutant(
         "mt_check_targets_dropped",

@@ -59,6 +59,47 @@ def test_configs_load_and_are_locked(path):
         config.no_such_field = 1
 
 
+# What the toy presets change: the scale of a run, never the recipe's arithmetic (EMA, score
+# threshold, coverage, loss weights, LR, losses).
+TOY_SCALE_FIELDS = {
+    "train_coco.py": {
+        "model.size", "model.pooler_sampling_ratio", "model.rpn_pre_nms_topk_train",
+        "model.rpn_post_nms_topk_train", "model.roi_batch_size_per_image", "dtype", "batch_size",
+        "max_iter", "warmup_iters", "log_every", "data.short_edges", "data.max_size",
+        "data.buckets", "data.max_instances", "data.workers",
+    },
+    "mean_teacher_coco.py": {
+        "model.pooler_sampling_ratio", "model.rpn_pre_nms_topk_train",
+        "model.rpn_post_nms_topk_train", "model.rpn_pre_nms_topk_test",
+        "model.rpn_post_nms_topk_test", "model.roi_batch_size_per_image",
+        "model.detections_per_image", "model.mask_max_fg", "score_thresh", "max_targets",
+        "batch_size_label", "batch_size_unlabel", "max_iter", "warmup_iters", "log_every",
+        "data.short_edges", "data.max_size", "data.buckets", "data.max_instances",
+        "data.workers",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOY_SCALE_FIELDS))
+def test_toy_preset_changes_the_scale_only(name):
+    from hassod_jax.cli.flags import field_paths, load_config_file
+
+    path = os.path.join(ROOT, "configs", name)
+    recipe, toy = field_paths(load_config_file(path)), field_paths(load_config_file(path + ":toy"))
+    assert set(recipe) == set(toy)
+    changed = {k for k in recipe if recipe[k] != toy[k]}
+    # Mean Teacher's score_thresh 0 and max_targets 8 are the toy's only departures beyond size:
+    # they let a barely trained teacher's detections through, at most 8 per image.
+    assert changed <= TOY_SCALE_FIELDS[name], changed - TOY_SCALE_FIELDS[name]
+    assert toy["max_iter"] == 4 and changed
+
+
+def test_an_unknown_preset_is_one_line(tmp_path):
+    r = _run("--config", "configs/train_coco.py:tiny", "--workdir", str(tmp_path))
+    line = _one_line_error(r)
+    assert "configs/train_coco.py" in line and "tiny" in line and ":toy" in line
+
+
 def test_missing_required_field_says_what_to_set(tmp_path):
     r = _run("--config", "configs/discover_coco.py", "--workdir", str(tmp_path))
     assert r.returncode != 0

@@ -66,13 +66,15 @@ def config_comments(config_path):
     functions = {n.name: n for n in base_tree.body if isinstance(n, ast.FunctionDef)}
 
     def called(tree, module_prefix):
+        # A config file names defaults.X (called, or handed to defaults.preset); inside
+        # defaults.py the trees call each other by bare name.
         names = []
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call):
+            if module_prefix and isinstance(node, ast.Attribute) and node.attr in functions:
+                names.append(node.attr)
+            elif not module_prefix and isinstance(node, ast.Call):
                 f = node.func
-                if module_prefix and isinstance(f, ast.Attribute) and f.attr in functions:
-                    names.append(f.attr)
-                elif not module_prefix and isinstance(f, ast.Name) and f.id in functions:
+                if isinstance(f, ast.Name) and f.id in functions:
                     names.append(f.id)
         return names
 

@@ -1,56 +1,21 @@
-"""Toy-scale settings for the stage-2 config files. The tests run `configs/train_coco.py` and
-`configs/mean_teacher_coco.py` themselves through their modes (`python -m hassod_jax.main
---config configs/X.py --config.k=v ...`) with these as overrides: the small detector on
-generated scenes, CPU-sized. The test adds the data paths (and Mean Teacher's init checkpoint).
+"""The stage-2 config files at toy scale for the tests: `configs/train_coco.py:toy` and
+`configs/mean_teacher_coco.py:toy` (the small detector on generated scenes, CPU-sized), run
+through their modes (`python -m hassod_jax.main --config configs/X.py:toy --config.k=v ...`)
+with these overrides. The test adds the data paths (and Mean Teacher's init checkpoint).
 """
 
 import importlib.util
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_CONFIG = os.path.join(ROOT, "configs", "train_coco.py")
-MEAN_TEACHER_CONFIG = os.path.join(ROOT, "configs", "mean_teacher_coco.py")
+TRAIN_CONFIG = os.path.join(ROOT, "configs", "train_coco.py") + ":toy"
+MEAN_TEACHER_CONFIG = os.path.join(ROOT, "configs", "mean_teacher_coco.py") + ":toy"
 
-_DATA = {
-    "data.short_edges": (96,),
-    "data.max_size": 128,
-    "data.buckets": ((96, 128), (128, 96), (128, 128)),
-    "data.max_instances": 8,
-    "data.workers": 0,
-}
-_RUN = {"max_iter": 4, "warmup_iters": 2, "log_every": 1, "checkpoint_every": 1,
-        "keep_checkpoints": 10}
-
-TRAIN = {
-    "model.size": "small",
-    "model.pooler_sampling_ratio": 2,
-    "model.rpn_pre_nms_topk_train": 64,
-    "model.rpn_post_nms_topk_train": 64,
-    "model.roi_batch_size_per_image": 32,
-    # float32 for the bitwise resume and PreciseBN checks; the bfloat16 step is tested in
-    # test_bfloat16_step_and_config_errors.py.
-    "dtype": "float32",
-    "batch_size": 2,
-    **_RUN,
-    **_DATA,
-}
-
-MEAN_TEACHER = {
-    "model.pooler_sampling_ratio": 2,
-    "model.rpn_pre_nms_topk_train": 64,
-    "model.rpn_post_nms_topk_train": 64,
-    "model.rpn_pre_nms_topk_test": 64,
-    "model.rpn_post_nms_topk_test": 32,
-    "model.roi_batch_size_per_image": 32,
-    "model.detections_per_image": 32,
-    "model.mask_max_fg": 8,
-    "score_thresh": 0.0,  # an untrained teacher: let its detections through
-    "max_targets": 8,
-    "batch_size_label": 2,
-    "batch_size_unlabel": 2,
-    **_RUN,
-    **_DATA,
-}
+# The toy presets of the two config files (defaults.toy_training / toy_mean_teacher: the small
+# detector on 96 x 128 scenes, 4 steps), with a checkpoint at every step for the resume tests.
+_RUN = {"checkpoint_every": 1, "keep_checkpoints": 10}
+TRAIN = dict(_RUN)  # float32 (the preset's) for the bitwise resume and PreciseBN checks
+MEAN_TEACHER = dict(_RUN)
 
 
 def flags(overrides):
@@ -60,10 +25,11 @@ def flags(overrides):
 
 def load(path, overrides):
     """The config file's get_config() with the overrides applied, as the command line does."""
+    path, _, arg = path.partition(":")
     spec = importlib.util.spec_from_file_location("toy_cfg", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config()
+    c = module.get_config(arg or None)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = c
