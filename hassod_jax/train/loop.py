@@ -1,5 +1,6 @@
-"""What the stage-2 trainers share around their steps: metrics on the host with the NaN guard,
-the ETA, the parameter overview, and the periodic evaluation."""
+"""The loop both stage-2 trainers run (`run`: steps, logging with throughput and ETA, the NaN
+guard, the between-steps job, checkpoints, periodic evaluation) and what it is made of: resuming
+(`restore`), the metric writer, the evaluation of a state on the validation set."""
 
 import os
 import time
