@@ -10,18 +10,30 @@ from jax.sharding import Mesh
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
 
 
+def distributed_requested(environ=None):
+    """True when the environment launches several processes: a coordinator address is set, or
+    TPU_WORKER_HOSTNAMES lists more than one host (comma-separated, as JAX's Cloud TPU cluster
+    detection reads it). One host (a single TPU VM, or `localhost` left by a tool) is a
+    single-process run: there is nobody to coordinate with."""
+    environ = os.environ if environ is None else environ
+    if any(environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")):
+        return True
+    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return len(hosts) > 1
+
+
 def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
     """Calls `jax.distributed.initialize` when several processes take part.
 
-    Explicit arguments win; otherwise the standard environment (a JAX coordinator address,
-    a TPU pod, or a SLURM/Open MPI launch that JAX detects itself) decides. A single process
-    started by hand is left alone. Returns True when the distributed runtime is up.
+    Explicit arguments win; otherwise the environment decides (`distributed_requested`: a JAX
+    coordinator address or a TPU slice of several hosts; JAX then finds the rest itself). A
+    single process started by hand is left alone. Returns True when the distributed runtime
+    is up.
     """
     if jax.distributed.is_initialized():
         return True
     explicit = coordinator_address is not None
-    from_env = any(os.environ.get(k) for k in _DISTRIBUTED_ENV)
-    if not (explicit or from_env):
+    if not (explicit or distributed_requested()):
         return False
     kwargs = {}
     if explicit:

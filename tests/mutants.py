@@ -524,6 +524,12 @@ MUTANTS = [
         ("tests/discovery/test_sweep_quick.py::"
          "test_a_workdir_is_not_resumed_with_the_other_refine",),
     ),
+    Mutant(
+        "one_tpu_host_starts_distributed",
+        "TPU_WORKER_HOSTNAMES naming one host is taken for a multi-process launch",
+        (Edit("hassod_jax/parallel.py", "return len(hosts) > 1", "return len(hosts) > 0"),),
+        ("tests/test_main.py::test_one_tpu_host_is_a_single_process_run",),
+    ),
 ]
 
 _IGNORE = shutil.ignore_patterns(

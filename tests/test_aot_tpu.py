@@ -30,12 +30,17 @@ def aot():
     )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
+    # aot.py sets libtpu's variables (TPU_WORKER_HOSTNAMES, TPU_ACCELERATOR_TYPE) in os.environ;
+    # the worker's later tests start subprocesses with it, so it is put back as it was.
+    environ = dict(os.environ)
     spec.loader.exec_module(mod)
     # Compile-only executables are not for the session's persistent compilation cache.
     saved = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     yield mod
     jax.config.update("jax_enable_compilation_cache", saved)
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.mark.parametrize("program", ["train_step", "mt_step"])

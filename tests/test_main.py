@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hassod_jax import main, modes, utils
+from hassod_jax import main, modes, parallel, utils
 from hassod_jax.cli import run_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -271,6 +271,24 @@ def test_help_with_a_config_lists_its_fields_values_and_comments():
     assert r.returncode == 0, r.stderr
     (srgb,) = [x for x in r.stdout.splitlines() if "--config.crf.srgb" in x]
     assert "4" in srgb
+
+
+def test_one_tpu_host_is_a_single_process_run():
+    """TPU_WORKER_HOSTNAMES naming one host (a single TPU VM, or `localhost` left behind by a
+    compile-only libtpu tool) starts no jax.distributed: there is no coordinator to find, and
+    jax.distributed.initialize fails on a CPU box. Several hosts, or a coordinator address, do."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost"}
+    for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"):
+        env.pop(k, None)
+    code = "from hassod_jax.cli import run_files; print('rank', run_files._process_index())"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "rank 0" in r.stdout, r.stderr[-2000:]
+    assert not parallel.distributed_requested({"TPU_WORKER_HOSTNAMES": " 10.0.0.2 "})
+    assert parallel.distributed_requested({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})
+    assert parallel.distributed_requested({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"})
+    assert parallel.distributed_requested({"COORDINATOR_ADDRESS": "10.0.0.2:1234"})
+    assert not parallel.distributed_requested({})
 
 
 def _corrupt_file(path):

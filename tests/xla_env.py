@@ -35,7 +35,8 @@ def cpu_env(devices: int | None = None, full_opt: bool = False, cache=None, **ex
     """os.environ for a subprocess on the CPU: the session's XLA flags less its device count
     (one device, or `devices`), plus FAST_COMPILE unless `full_opt` or HASSOD_TEST_FULL_OPT;
     with `cache`, a persistent compilation cache there that keeps every compile (processes
-    given the same folder do not compile again); `extra` added."""
+    given the same folder do not compile again); no multi-process launcher variables; `extra`
+    added."""
     keep = [f for f in os.environ.get("XLA_FLAGS", "").split()
             if "xla_force_host_platform_device_count" not in f]
     if devices is not None:
@@ -43,7 +44,11 @@ def cpu_env(devices: int | None = None, full_opt: bool = False, cache=None, **ex
     if not full_opt and not os.environ.get("HASSOD_TEST_FULL_OPT") and not any(
             "xla_backend_optimization_level" in f for f in keep):
         keep.append(FAST_COMPILE)
+    from hassod_jax.parallel import _DISTRIBUTED_ENV  # imports jax: not at the session's start
+
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(keep)}
+    for k in _DISTRIBUTED_ENV:  # a process started here runs alone unless `extra` says otherwise
+        env.pop(k, None)
     if cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

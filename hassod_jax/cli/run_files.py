@@ -27,7 +27,7 @@ def _process_index():
     """This process's index when several JAX processes run (jax.distributed), else 0."""
     from hassod_jax import parallel
 
-    if not any(os.environ.get(k) for k in parallel._DISTRIBUTED_ENV):
+    if not parallel.distributed_requested():
         return 0
     import jax
 
