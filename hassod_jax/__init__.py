@@ -10,12 +10,12 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_dino_vit": "hassod_jax.models.vit",
+    "load_dino_vit": "hassod_jax.weights.dino_vit",
     "dino_features": "hassod_jax.models.vit",
     "hac_partitions": "hassod_jax.discovery.hac",
     "hierarchy_levels": "hassod_jax.discovery.hierarchy",
     "dense_crf": "hassod_jax.discovery.crf",
-    "load_resnet50": "hassod_jax.models.resnet",
+    "load_resnet50": "hassod_jax.weights.torch_resnet",
     "load_detector": "hassod_jax.weights.detectron2",
     "detect": "hassod_jax.evaluate.predict",
 }

@@ -16,12 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The names documented so far and where they are defined; `__all__` may grow.
 KNOWN = {
-    "load_dino_vit": "hassod_jax.models.vit",
+    "load_dino_vit": "hassod_jax.weights.dino_vit",
     "dino_features": "hassod_jax.models.vit",
     "hac_partitions": "hassod_jax.discovery.hac",
     "hierarchy_levels": "hassod_jax.discovery.hierarchy",
     "dense_crf": "hassod_jax.discovery.crf",
-    "load_resnet50": "hassod_jax.models.resnet",
+    "load_resnet50": "hassod_jax.weights.torch_resnet",
 }
 EXPORTED = [name for name in hassod_jax.__all__ if name != "__version__"]
 

@@ -79,8 +79,9 @@ class FeatureExtractor:
             path = config.dino_checkpoint
             dtype = utils.compute_dtype(config.dtype)
             from hassod_jax.models import vit
+            from hassod_jax.weights.dino_vit import load_dino_vit
 
-            module, params = vit.load_dino_vit(path, dtype=dtype)
+            module, params = load_dino_vit(path, dtype=dtype)
             self.patch = module.patch_size
             self._features = vit.make_feature_fn(module, params, kind=config.feature_kind)
             import jax

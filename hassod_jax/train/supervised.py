@@ -94,9 +94,9 @@ def init_state(model, tx, rng, resnet_checkpoint=None):
     variables = jax.jit(lambda r: model.init(r, images, train=False))(rng)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     if resnet_checkpoint:
-        from hassod_jax.models import resnet
+        from hassod_jax.weights.torch_resnet import load_resnet50
 
-        _, loaded = resnet.load_resnet50(resnet_checkpoint, config=model.config.resnet)
+        _, loaded = load_resnet50(resnet_checkpoint, config=model.config.resnet)
         params = _replace_subtree(params, "backbone", loaded["params"], resnet_checkpoint)
         batch_stats = _replace_subtree(
             batch_stats, "backbone", loaded["batch_stats"], resnet_checkpoint

@@ -30,7 +30,7 @@ FAMILIES = ("vit",)
 
 def convert_vit(input_path, output_dir, num_heads: int | None = None) -> dict:
     """Converts a DINO / timm ViT checkpoint; returns the inferred architecture dict."""
-    from hassod_jax.models.vit import (
+    from hassod_jax.weights.dino_vit import (
         backbone_state_dict,
         params_from_state_dict,
         vit_arch_from_state_dict,
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
 
 def _shapes(arch):
-    from hassod_jax.models.vit import expected_state_dict_shapes
+    from hassod_jax.weights.dino_vit import expected_state_dict_shapes
 
     return expected_state_dict_shapes(arch).values()
 

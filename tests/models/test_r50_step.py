@@ -17,6 +17,7 @@ import torch
 from hassod_jax import defaults
 from hassod_jax.models import detector as D
 from hassod_jax.models import resnet
+from hassod_jax.weights import torch_resnet
 from hassod_jax.train import supervised
 from tests.models.torch_resnet import resnet50_with_random_bn
 from tests.xla_env import FAST_JIT
@@ -104,7 +105,7 @@ def test_full_r50_init_from_resnet_checkpoint_and_one_train_step(r50_file):
         np.asarray(bb["res4_5"]["norm2"]["scale"]), tv["layer3.5.bn2.weight"]
     )
     # Every backbone tensor came from the file: the whole subtree equals the loader's output.
-    _, loaded = resnet.load_resnet50(path)
+    _, loaded = torch_resnet.load_resnet50(path)
     for coll, tree in (("params", bb), ("batch_stats", bs)):
         got = jax.tree_util.tree_leaves_with_path(tree)
         want = dict(jax.tree_util.tree_leaves_with_path(loaded[coll]))

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from hassod_jax.models import resnet  # noqa: E402
+from hassod_jax.weights import torch_resnet  # noqa: E402
 from tests.models.torch_resnet import resnet50_with_random_bn  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def _check(feats_jax, feats_ref):
 def _d2_state_dict(tv_sd):
     out = {}
     for k, v in tv_sd.items():
-        d2 = resnet._torchvision_to_d2(k)
+        d2 = torch_resnet._torchvision_to_d2(k)
         if d2 is not None:
             out[d2] = v.numpy()
     return out
@@ -52,14 +53,14 @@ def test_torchvision_pth_matches(tmp_path, torch_resnet50):
     # DINO checkpoints may be wrapped and prefixed.
     sd = {"module." + k: v for k, v in model.state_dict().items()}
     torch.save({"teacher": sd}, path)
-    module, variables = resnet.load_resnet50(path)
+    module, variables = torch_resnet.load_resnet50(path)
     _check(jax.jit(lambda v, im: module.apply(v, im, train=False))(variables, x), ref)
 
 
 def test_state_dict_conversion_matches(torch_resnet50):
     model, x, ref = torch_resnet50
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    variables = resnet.resnet_variables_from_state_dict(sd)
+    variables = torch_resnet.resnet_variables_from_state_dict(sd)
     module = resnet.ResNet(resnet.RESNET50)
     _check(jax.jit(lambda v, im: module.apply(v, im, train=False))(variables, x), ref)
 
@@ -69,10 +70,10 @@ def test_d2_pkl_matches(tmp_path, torch_resnet50):
     path = tmp_path / "dino_RN50_pretrain_d2_format.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": _d2_state_dict(model.state_dict()), "__author__": "test"}, f)
-    module, variables = resnet.load_resnet50(path)
+    module, variables = torch_resnet.load_resnet50(path)
     _check(jax.jit(lambda v, im: module.apply(v, im, train=False))(variables, x), ref)
     # The d2 dict directly (no file) converts the same way.
-    v2 = resnet.resnet_variables_from_state_dict(_d2_state_dict(model.state_dict()))
+    v2 = torch_resnet.resnet_variables_from_state_dict(_d2_state_dict(model.state_dict()))
     assert jax.tree_util.tree_all(
         jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), variables, v2)
     )
@@ -84,20 +85,20 @@ def test_loader_errors(tmp_path, torch_resnet50):
     missing = dict(sd)
     del missing["layer3.2.conv2.weight"]
     with pytest.raises(ValueError, match=r"(?s)ckpt\.pth.*missing \(1\).*res4_2/conv2/kernel"):
-        resnet.resnet_variables_from_state_dict(missing, source="ckpt.pth")
+        torch_resnet.resnet_variables_from_state_dict(missing, source="ckpt.pth")
     extra = dict(sd)
     extra["layer5.0.conv1.weight"] = np.zeros((3, 3, 1, 1), np.float32)
     with pytest.raises(ValueError, match=r"unexpected \(1\).*layer5\.0\.conv1\.weight"):
-        resnet.resnet_variables_from_state_dict(extra, source="x.pth")
+        torch_resnet.resnet_variables_from_state_dict(extra, source="x.pth")
     bad = dict(sd)
     bad["layer1.0.conv1.weight"] = np.zeros((64, 64, 3, 3), np.float32)
     with pytest.raises(ValueError, match=r"mismatched \(1\).*layer1\.0\.conv1\.weight"):
-        resnet.resnet_variables_from_state_dict(bad, source="x.pth")
+        torch_resnet.resnet_variables_from_state_dict(bad, source="x.pth")
     # A ResNet-50 checkpoint does not fit the small variant.
     with pytest.raises(ValueError, match="x.pth"):
-        resnet.resnet_variables_from_state_dict(sd, resnet.RESNET_SMALL, source="x.pth")
+        torch_resnet.resnet_variables_from_state_dict(sd, resnet.RESNET_SMALL, source="x.pth")
     with pytest.raises(ValueError, match="not found"):
-        resnet.load_resnet50(tmp_path / "nope.pth")
+        torch_resnet.load_resnet50(tmp_path / "nope.pth")
 
 
 def test_train_mode_batch_stats_and_small_variant():

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torchvision
 
-from hassod_jax.models import resnet
+from hassod_jax.weights import torch_resnet
 
 ENV = "HASSOD_REFERENCE_DIR"
 _DEFAULT = os.path.join(
@@ -132,7 +132,7 @@ def test_d2_pkl_with_the_listed_names_loads_where_detectron2_means(tmp_path):
     with open(path, "wb") as f:
         # detectron2's format: numpy arrays under "model", plus bookkeeping keys.
         pickle.dump({"model": arrays, "__author__": "test", "matching_heuristics": True}, f)
-    module, variables = resnet.load_resnet50(path)
+    module, variables = torch_resnet.load_resnet50(path)
 
     # The oracle: torchvision's resnet50 holding the same arrays under torchvision's names.
     tv_model = torchvision.models.resnet50(weights=None)

@@ -24,12 +24,12 @@ from hassod_jax.models.vit import (
     VIT_ARCHS,
     dino_features,
     interpolate_pos_embed,
-    load_dino_vit,
     make_feature_fn,
     make_vit,
     torch_bicubic_matrix,
 )
 from hassod_jax.weights import convert
+from hassod_jax.weights.dino_vit import expected_state_dict_shapes, load_dino_vit
 from tests.models.torch_dino_reference import VisionTransformer as TorchViT
 
 torch.set_num_threads(2)
@@ -304,7 +304,7 @@ def test_vit_archs_match_reference_parameter_shapes():
         with torch.device("meta"):
             ref = TorchViT(p, d, arch["depth"], heads)
         assert n_ours == sum(v.numel() for v in ref.parameters()), name
-        expected = vit.expected_state_dict_shapes(arch)
+        expected = expected_state_dict_shapes(arch)
         assert set(expected) == set(ref.state_dict()), name
         assert all(tuple(ref.state_dict()[k].shape) == s for k, s in expected.items())
     with pytest.raises(ValueError, match="unknown ViT"):
