@@ -22,7 +22,7 @@ The programs, each built from configs/*.py by the mode's own builder:
               one by one; the row sums compile time and FLOPs and takes the largest memory.
   train_step  `supervised.jit_train_step` (stage 2.2), bfloat16 by default.
   mt_step     `mean_teacher.jit_mt_step` (stage 2.3), float32.
-  predict     `predict.make_sharded_predict_fn` (shard_map over ONE host's chips), float32.
+  predict     `predictor.make_sharded_predict_fn` (shard_map over ONE host's chips), float32.
   precise_bn  `precise_bn.jit_accumulate_step`: one PreciseBN statistics batch, float32.
 
 "compile s" is the TPU compile (writing the dump included; the tracing and lowering before it
@@ -303,7 +303,7 @@ def build_predict(devices, opts):
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from hassod_jax.evaluate import predict
+    from hassod_jax.inference import predictor
 
     cfg = load_config("predict")
     dtype = opts.dtype or cfg.dtype
@@ -311,7 +311,7 @@ def build_predict(devices, opts):
     host = _host_devices(devices)
     model = _detector(load_config("train_coco"), opts, dtype=dtype,
                       detections_per_image=detections)
-    fn, _ = predict.make_sharded_predict_fn(model, host)
+    fn, _ = predictor.make_sharded_predict_fn(model, host)
     mesh = jax.sharding.Mesh(np.array(host), ("data",))
     data, repl = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     per_chip, hw = opts.per_chip or 8, opts.image or (800, 1344)

@@ -38,14 +38,14 @@ def parity_rows(module, variables, z, dtype_name):
     import jax.numpy as jnp
     import skimage.data
 
-    from hassod_jax.evaluate import predict
+    from hassod_jax.inference import predictor
 
     mod = module.clone(dtype=jnp.bfloat16) if dtype_name == "bfloat16" else module
     rows = []
     for name in IMAGES:
         image = getattr(skimage.data, name)()
         t0 = time.perf_counter()
-        got = predict.detect(mod, variables, image, short_edge=320, max_size=533)
+        got = predictor.detect(mod, variables, image, short_edge=320, max_size=533)
         seconds = time.perf_counter() - t0
         rb, rs = z[f"{name}/pred_boxes"], z[f"{name}/scores"]
         m = _match(got["boxes"], got["scores"], rb, 0.99)

@@ -17,7 +17,7 @@ _EXPORTS = {
     "dense_crf": "hassod_jax.discovery.crf",
     "load_resnet50": "hassod_jax.weights.torch_resnet",
     "load_detector": "hassod_jax.weights.detectron2",
-    "detect": "hassod_jax.evaluate.predict",
+    "detect": "hassod_jax.inference.predictor",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

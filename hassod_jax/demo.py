@@ -181,7 +181,7 @@ def train_detector(config, workdir, train_json, image_dir, gt_json, image_list):
     """
     import jax
 
-    from hassod_jax.evaluate import predict
+    from hassod_jax.inference import predictor
     from hassod_jax.train import loop, supervised
 
     c = _detector_config(config, train_json, image_dir, gt_json)
@@ -199,8 +199,8 @@ def train_detector(config, workdir, train_json, image_dir, gt_json, image_list):
         for t in ("bbox", "segm")
     } | {"level_accuracy": final["val/level_accuracy"], "steps": config.train_steps}
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    images = predict.images_from_coco(image_list, image_dir)
-    preds = predict.predict(
+    images = predictor.images_from_coco(image_list, image_dir)
+    preds = predictor.predict(
         model,
         variables,
         images,

@@ -1,11 +1,11 @@
 """mode=predict: a trained detector on a folder, a glob, a file or a COCO image list ->
-predictions.json and pictures (the library is `evaluate/predict.py`)."""
+predictions.json and pictures (the library is `inference/`)."""
 
 import os
 
 import numpy as np
 
-from hassod_jax.evaluate import predict
+from hassod_jax.inference import predictor, processing
 
 
 def _picture_name(file_name, image_id, used):
@@ -34,7 +34,7 @@ def _check_predict_config(config):
             f"--config.batch_size must be >= 0 (0: one image per device), got {config.batch_size}"
         )
     utils.compute_dtype(config.dtype)
-    return predict.parse_levels(config.levels)
+    return processing.parse_levels(config.levels)
 
 
 def run(config, workdir):
@@ -56,7 +56,7 @@ def run(config, workdir):
     from hassod_jax.weights.detectron2 import load_detector
 
     levels = _check_predict_config(config)
-    items = predict.list_inputs(config.images, config.get("image_dir", ""))
+    items = predictor.list_inputs(config.images, config.get("image_dir", ""))
     if config.max_images >= 0:
         items = items[: config.max_images]
     if not items:
@@ -72,10 +72,10 @@ def run(config, workdir):
             f"--config.batch_size={batch_size} must be a multiple of the {len(devices)} local "
             "devices (0: one image per device)"
         )
-    fn, put = predict.make_sharded_predict_fn(module, devices)
+    fn, put = predictor.make_sharded_predict_fn(module, devices)
     variables = put(variables)
     buckets = tuple(tuple(b) for b in config.buckets) or None
-    names = ", ".join(predict.LEVEL_NAMES[k] for k in levels)
+    names = ", ".join(processing.LEVEL_NAMES[k] for k in levels)
     logging.info(
         "Detector from %s on %d image(s) of %s, %d device(s), batch %d: keeping score >= %g, "
         "levels %s",
@@ -108,7 +108,7 @@ def run(config, workdir):
             yield img, (image_id, file_name)
 
     max_pictures = config.max_pictures
-    stream = predict.batch_by_shape(
+    stream = predictor.batch_by_shape(
         readable(),
         config.short_edge,
         config.max_size,
@@ -118,16 +118,16 @@ def run(config, workdir):
     )
     for shape, chunk in stream:
         t0 = time.perf_counter()
-        raw = predict.run_batch(fn, variables, shape, chunk, batch_size)
+        raw = predictor.run_batch(fn, variables, shape, chunk, batch_size)
         progress.add_time("detector", time.perf_counter() - t0)
         for entry, one in zip(chunk, raw):
             t0 = time.perf_counter()
             image_id, file_name = entry.key
-            dets = predict.postprocess_detections(
+            dets = processing.postprocess_detections(
                 one, entry.resized_hw, entry.original_hw, config.score_threshold
             )
-            dets = predict.filter_detections(dets, levels=levels)
-            results[entry.position] = predict.detections_to_results(dets, image_id)
+            dets = processing.filter_detections(dets, levels=levels)
+            results[entry.position] = processing.detections_to_results(dets, image_id)
             t1 = time.perf_counter()
             progress.add_time("postprocess", t1 - t0)
             if entry.image is not None:
@@ -162,7 +162,7 @@ def run(config, workdir):
         out,
         len(predictions),
         len(images),
-        ", ".join(f"{n} {c}" for n, c in zip(predict.LEVEL_NAMES, per_level)),
+        ", ".join(f"{n} {c}" for n, c in zip(processing.LEVEL_NAMES, per_level)),
         len(skipped),
         os.path.join(workdir, "skipped.json"),
         f"; pictures in {picture_dir}" if used_names else "",

@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from hassod_jax import utils
+from hassod_jax.inference import predictor
 from hassod_jax.train import checkpoint as ckpt_lib
 
 
@@ -41,16 +42,16 @@ def evaluate_state(config, model, state, predict_fn=None):
     """
     from hassod_jax.data import loader
     from hassod_jax.data.coco import load_coco_json
-    from hassod_jax.evaluate import coco_eval, predict
+    from hassod_jax.evaluate import coco_eval, level_accuracy
 
     t0 = time.perf_counter()
     # A host copy: the replicated global arrays may span other processes' devices, while
     # inference runs on this process's default device only.
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     val = load_coco_json(config.val_json)  # read once: image list and ground truth
-    images = predict.images_from_coco(val, config.val_images, config.get("val_max_images", -1))
+    images = predictor.images_from_coco(val, config.val_images, config.get("val_max_images", -1))
     buckets = tuple(tuple(b) for b in config.data.buckets) or loader.DEFAULT_BUCKETS
-    preds = predict.predict(
+    preds = predictor.predict(
         model,
         variables,
         images,
@@ -68,7 +69,7 @@ def evaluate_state(config, model, state, predict_fn=None):
         for k in ("AP", "AP50", "AR@100"):
             if k in metrics[t]:
                 out[f"val/{t}/{k}"] = float(metrics[t][k])
-    out["val/level_accuracy"], _ = predict.level_accuracy(gt, preds)
+    out["val/level_accuracy"], _ = level_accuracy.level_accuracy(gt, preds)
     out["val/num_predictions"] = float(len(preds))
     out["val/seconds"] = time.perf_counter() - t0
     return out
@@ -142,9 +143,7 @@ def eval_predict_fn(model, eval_on):
     """The compiled forward the periodic evaluation reuses (process 0, evaluation on), else None."""
     if not (eval_on and jax.process_index() == 0):
         return None
-    from hassod_jax.evaluate import predict  # imports pycocotools: only when evaluating
-
-    return predict.make_predict_fn(model)
+    return predictor.make_predict_fn(model)
 
 
 def run(

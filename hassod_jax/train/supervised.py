@@ -7,7 +7,7 @@ the whole state and the data iterator's position; a rerun resumes from the newes
 non-finite loss stops the run and names the last good checkpoint.
 
 Periodic evaluation (`config.val_json` and `config.val_images` set, every `config.eval_every`
-steps and at the end): process 0 runs `evaluate.predict` with a host copy of the current
+steps and at the end): process 0 runs `inference.predictor.predict` with a host copy of the current
 params and batch statistics on the validation images and `evaluate_coco` on the results,
 and logs `val/{bbox,segm}/{AP,AP50,AR@100}` and `val/level_accuracy` (the level head's
 accuracy on detections whose box overlaps a ground-truth instance with IoU >= 0.5, against

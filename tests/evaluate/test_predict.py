@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from hassod_jax import ops
-from hassod_jax.evaluate import predict as P
+from hassod_jax.evaluate import level_accuracy
+from hassod_jax.inference import predictor
+from hassod_jax.inference import processing
 
 
 def _smooth_masks(rng, k, m):
@@ -46,7 +48,7 @@ def test_rescale_boxes_is_detector_postprocess():
     boxes = np.array(
         [[10.0, 5.0, 60.0, 40.0], [-3.0, 2.0, 200.0, 90.5], [50.0, 50.0, 50.0, 70.0]], np.float32
     )
-    out, nonempty = P.rescale_boxes(boxes, (96, 128), (150, 203))
+    out, nonempty = processing.rescale_boxes(boxes, (96, 128), (150, 203))
     # detectron2: scale x by W_orig / w_resized, y by H_orig / h_resized, clip, nonempty.
     ref = boxes.astype(np.float64) * np.array([203 / 128, 150 / 96, 203 / 128, 150 / 96])
     ref[:, 0::2] = ref[:, 0::2].clip(0, 203)
@@ -62,9 +64,9 @@ def test_host_paste_matches_ops_paste_at_the_original_size():
     xy = rng.uniform(-10, [128, 96], (k, 2))
     wh = rng.uniform(4, [100, 80], (k, 2))
     resized_boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
-    boxes, nonempty = P.rescale_boxes(resized_boxes, (96, 128), (h, w))
+    boxes, nonempty = processing.rescale_boxes(resized_boxes, (96, 128), (h, w))
     assert nonempty.all()
-    got = P.paste_masks_numpy(masks, boxes, h, w)
+    got = processing.paste_masks_numpy(masks, boxes, h, w)
     ref = np.asarray(jax.jit(lambda a, b: ops.paste_masks_in_image(a, b, h, w))(masks, boxes))
     assert got.shape == ref.shape == (k, h, w) and got.dtype == bool
     diff = got != ref
@@ -104,11 +106,11 @@ def test_detections_to_coco_fields_and_rle_round_trip():
         "masks": _smooth_masks(rng, d, m),
         "valid": np.array([1, 1, 1, 1, 1, 0], bool),  # last: padding
     }
-    res = P.detections_to_coco(det, 7, (96, 128), (120, 160))
+    res = processing.detections_to_coco(det, 7, (96, 128), (120, 160))
     assert len(res) == 4
     keep = [0, 1, 2, 4]
-    exp_boxes, _ = P.rescale_boxes(boxes[keep], (96, 128), (120, 160))
-    exp_masks = P.paste_masks_numpy(det["masks"][keep], exp_boxes, 120, 160)
+    exp_boxes, _ = processing.rescale_boxes(boxes[keep], (96, 128), (120, 160))
+    exp_masks = processing.paste_masks_numpy(det["masks"][keep], exp_boxes, 120, 160)
     for r, j, eb, em in zip(res, keep, exp_boxes, exp_masks):
         assert r["image_id"] == 7 and r["category_id"] == 1
         assert r["score"] == pytest.approx(float(det["scores"][j]))
@@ -135,16 +137,16 @@ def test_level_accuracy_on_crafted_predictions():
         {"image_id": 1, "bbox": [30, 30, 9, 9], "hier_level": 2},  # fg (IoU 0.81), right
         {"image_id": 1, "bbox": [0, 30, 5, 5], "hier_level": 2},  # background: not counted
     ]
-    acc, n = P.level_accuracy(gt, preds)
+    acc, n = level_accuracy.level_accuracy(gt, preds)
     assert n == 3 and acc == pytest.approx(2 / 3)
-    assert P.level_accuracy(gt, preds[3:]) == (-1.0, 0)
+    assert level_accuracy.level_accuracy(gt, preds[3:]) == (-1.0, 0)
 
 
 def test_padded_shape_buckets():
-    assert P.padded_shape(96, 130) == (96, 160)
-    assert P.padded_shape(96, 130, ((128, 128), (96, 160), (128, 192))) == (96, 160)
+    assert processing.padded_shape(96, 130) == (96, 160)
+    assert processing.padded_shape(96, 130, ((128, 128), (96, 160), (128, 192))) == (96, 160)
     with pytest.raises(ValueError, match="no bucket holds"):
-        P.padded_shape(300, 300, ((128, 128),))
+        processing.padded_shape(300, 300, ((128, 128),))
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +167,9 @@ def test_predict_random_model_gives_valid_coco_results(random_model, tmp_path):
 
     model, variables = random_model
     image_dir, gt_json = synthetic.write_synthetic_dataset(str(tmp_path), 3, 0, (72, 100))
-    images = P.images_from_coco(gt_json, image_dir)
+    images = predictor.images_from_coco(gt_json, image_dir)
     # Resized to short side 96: 96 x 133 -> padded 96 x 160 (one shape, batch of 2 + 1).
-    preds = P.predict(
+    preds = predictor.predict(
         model, variables, images, short_edge=96, max_size=160, batch_size=2, detections=10
     )
     assert preds, "a random model still emits detections (score threshold 0)"
@@ -197,7 +199,7 @@ def test_predict_random_model_gives_valid_coco_results(random_model, tmp_path):
     from hassod_jax.models.detector import PIXEL_MEAN, PIXEL_STD
 
     img = np.asarray(Image.open(images[1][0]).convert("RGB"))
-    alone = P.predict(
+    alone = predictor.predict(
         model, variables, [(img, 2)], short_edge=96, max_size=160, batch_size=1, detections=10
     )
     assert len(alone) == len(per_image[2])
@@ -231,13 +233,13 @@ def test_predict_mixed_shapes_keep_input_order(random_model):
     images = [
         (rng.integers(0, 255, (h, w, 3), dtype=np.uint8), 10 + i) for i, (h, w) in enumerate(hw)
     ]
-    fn = P.make_predict_fn(P._with_detections(model, 5))
+    fn = predictor.make_predict_fn(predictor._with_detections(model, 5))
     kw = dict(short_edge=96, max_size=160, detections=5, predict_fn=fn)
-    preds = P.predict(model, variables, images, batch_size=2, **kw)
+    preds = predictor.predict(model, variables, images, batch_size=2, **kw)
     ids = [p["image_id"] for p in preds]
     assert ids == sorted(ids) and set(ids) == {10, 11, 12, 13, 14}
     for item in images:
-        alone = P.predict(model, variables, [item], batch_size=1, **kw)
+        alone = predictor.predict(model, variables, [item], batch_size=1, **kw)
         mine = [p for p in preds if p["image_id"] == item[1]]
         assert len(alone) == len(mine)
         for a, b in zip(alone, mine):
@@ -247,9 +249,9 @@ def test_predict_mixed_shapes_keep_input_order(random_model):
 def test_predict_rejects_bad_input(random_model):
     model, variables = random_model
     with pytest.raises(ValueError, match="uint8"):
-        P.predict(model, variables, [(np.zeros((10, 10, 3), np.float32), 1)])
+        predictor.predict(model, variables, [(np.zeros((10, 10, 3), np.float32), 1)])
     with pytest.raises(ValueError, match="batch_size"):
-        P.predict(model, variables, [], batch_size=0)
+        predictor.predict(model, variables, [], batch_size=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ def _scene(h=72, w=100, seed=5):
 def test_detect_shapes_and_frame(random_model):
     model, variables = random_model
     img = _scene()
-    out = P.detect(model, variables, img, short_edge=96, max_size=160)
+    out = predictor.detect(model, variables, img, short_edge=96, max_size=160)
     n = len(out["scores"])
     assert n > 0
     assert out["boxes"].shape == (n, 4) and out["boxes"].dtype == np.float32
@@ -280,7 +282,7 @@ def test_detect_shapes_and_frame(random_model):
     assert (b[:, 3] <= 72).all() and (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
     # The original frame: the same detections as predict() (tested above against the model's
     # own boxes rescaled by original / resized), each mask inside its box (+1 px).
-    ref = P.predict(model, variables, [(img, 7)], short_edge=96, max_size=160)
+    ref = predictor.predict(model, variables, [(img, 7)], short_edge=96, max_size=160)
     assert len(ref) == n
     np.testing.assert_allclose(
         [r["bbox"] for r in ref], np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], 1), atol=1e-4
@@ -295,7 +297,7 @@ def test_detect_shapes_and_frame(random_model):
     from PIL import Image
 
     big = np.asarray(Image.fromarray(img).resize((200, 144), Image.NEAREST))
-    out2 = P.detect(model, variables, big, short_edge=96, max_size=160)
+    out2 = predictor.detect(model, variables, big, short_edge=96, max_size=160)
     assert out2["masks"].shape[1:] == (144, 200)
     assert (out2["boxes"][:, 2] <= 200).all() and (out2["boxes"][:, 2] > 100).any()
 
@@ -303,21 +305,21 @@ def test_detect_shapes_and_frame(random_model):
 def test_detect_score_threshold(random_model):
     model, variables = random_model
     img = _scene()
-    full = P.detect(model, variables, img, short_edge=96, max_size=160)
+    full = predictor.detect(model, variables, img, short_edge=96, max_size=160)
     t = float(np.median(full["scores"]))
-    part = P.detect(model, variables, img, short_edge=96, max_size=160, score_threshold=t)
+    part = predictor.detect(model, variables, img, short_edge=96, max_size=160, score_threshold=t)
     keep = full["scores"] >= t
     assert 0 < keep.sum() < len(keep)
     for k in full:
         np.testing.assert_array_equal(part[k], full[k][keep])
-    same = P.filter_detections(full, score_threshold=t)
+    same = processing.filter_detections(full, score_threshold=t)
     for k in full:
         np.testing.assert_array_equal(same[k], part[k])
 
 
 def test_filter_detections_by_level(random_model):
     model, variables = random_model
-    full = P.detect(model, variables, _scene(), short_edge=96, max_size=160)
+    full = predictor.detect(model, variables, _scene(), short_edge=96, max_size=160)
     levels = full["levels"]
     for spec, want in (
         ("whole", {0}),
@@ -327,7 +329,7 @@ def test_filter_detections_by_level(random_model):
         ("", {0, 1, 2}),
         ("all", {0, 1, 2}),
     ):
-        out = P.filter_detections(full, levels=spec)
+        out = processing.filter_detections(full, levels=spec)
         keep = np.isin(levels, sorted(want))
         assert len(out["scores"]) == keep.sum()
         assert set(out["levels"].tolist()) <= want
@@ -336,28 +338,28 @@ def test_filter_detections_by_level(random_model):
     # Synthetic levels so that every level occurs.
     fake = {k: v[:3] for k, v in full.items()}
     fake["levels"] = np.array([2, 0, 1])
-    assert P.filter_detections(fake, levels="part")["levels"].tolist() == [1]
-    assert P.parse_levels("Part, whole") == (0, 1)
+    assert processing.filter_detections(fake, levels="part")["levels"].tolist() == [1]
+    assert processing.parse_levels("Part, whole") == (0, 1)
     with pytest.raises(ValueError, match="whole,part,subpart"):
-        P.parse_levels("whole,parts")
+        processing.parse_levels("whole,parts")
     with pytest.raises(ValueError, match="levels"):
-        P.parse_levels((3,))
+        processing.parse_levels((3,))
 
 
 def test_detections_to_results_round_trip(random_model):
     from pycocotools import mask as mask_utils
 
     model, variables = random_model
-    dets = P.detect(model, variables, _scene(), short_edge=96, max_size=160)
-    res = P.detections_to_results(dets, 42)
+    dets = predictor.detect(model, variables, _scene(), short_edge=96, max_size=160)
+    res = processing.detections_to_results(dets, 42)
     assert len(res) == len(dets["scores"])
     decoded = mask_utils.decode([r["segmentation"] for r in res]).transpose(2, 0, 1)
     np.testing.assert_array_equal(decoded.astype(bool), dets["masks"])
     for r, lp, lv in zip(res, dets["level_probs"], dets["levels"]):
         assert r["image_id"] == 42 and r["hier_level"] == lv
         np.testing.assert_allclose(r["level_probs"], lp, rtol=1e-6)
-    empty = P.filter_detections(dets, score_threshold=2.0)
-    assert P.detections_to_results(empty, 1) == []
+    empty = processing.filter_detections(dets, score_threshold=2.0)
+    assert processing.detections_to_results(empty, 1) == []
 
 
 def test_list_inputs_folder_glob_file_and_coco_json(tmp_path):
@@ -369,21 +371,21 @@ def test_list_inputs_folder_glob_file_and_coco_json(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "z.png")
-    folder = P.list_inputs(str(tmp_path))
+    folder = predictor.list_inputs(str(tmp_path))
     assert [(i, f) for _, i, f in folder] == [(1, "a.jpg"), (2, "b.png")]
     assert folder[0][0] == str(tmp_path / "a.jpg")
-    globbed = P.list_inputs(str(tmp_path / "**" / "*.png"))
+    globbed = predictor.list_inputs(str(tmp_path / "**" / "*.png"))
     assert [f for _, _, f in globbed] == ["b.png", os.path.join("sub", "z.png")]
-    assert P.list_inputs(str(tmp_path / "sub" / "z.png")) == [
+    assert predictor.list_inputs(str(tmp_path / "sub" / "z.png")) == [
         (str(tmp_path / "sub" / "z.png"), 1, "z.png")
     ]
     coco = {"images": [{"id": 9, "file_name": "z.png"}], "annotations": []}
     (tmp_path / "sub" / "list.json").write_text(json.dumps(coco))
-    listed = P.list_inputs(str(tmp_path / "sub" / "list.json"))
+    listed = predictor.list_inputs(str(tmp_path / "sub" / "list.json"))
     assert listed == [(str(tmp_path / "sub" / "z.png"), 9, "z.png")]
-    other = P.list_inputs(str(tmp_path / "sub" / "list.json"), image_dir="/data")
+    other = predictor.list_inputs(str(tmp_path / "sub" / "list.json"), image_dir="/data")
     assert other[0][0] == os.path.join("/data", "z.png")
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        P.list_inputs(str(tmp_path / "missing"))
+        predictor.list_inputs(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="matches no file"):
-        P.list_inputs(str(tmp_path / "*.gif"))
+        predictor.list_inputs(str(tmp_path / "*.gif"))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hassod_jax import ops
-from hassod_jax.evaluate import predict
+from hassod_jax.inference import predictor
+from hassod_jax.inference import processing
 from hassod_jax.models import detector as D
 from hassod_jax.models.rpn import find_top_proposals
 from tests.d2_fixture import fixture_path, greedy_match, load_npz
@@ -190,13 +191,13 @@ def test_detector_postprocess_on_the_fixtures_floats(fx):
     _, _, z = fx
     for name in IMAGES:
         oh, ow = z[f"{name}/orig_hw"]
-        boxes, nonempty = predict.rescale_boxes(
+        boxes, nonempty = processing.rescale_boxes(
             z[f"{name}/raw_pred_boxes"], z[f"{name}/input_hw"], (oh, ow)
         )
         np.testing.assert_array_equal(np.nonzero(nonempty)[0], z[f"{name}/final_to_raw"])
         np.testing.assert_allclose(boxes[nonempty], z[f"{name}/pred_boxes"], atol=1e-4)
         probs = jax.nn.sigmoid(z[f"{name}/raw_mask_logits"][z[f"{name}/final_to_raw"]])
-        masks = predict.paste_masks_numpy(np.asarray(probs), z[f"{name}/pred_boxes"], oh, ow)
+        masks = processing.paste_masks_numpy(np.asarray(probs), z[f"{name}/pred_boxes"], oh, ow)
         differing = int((masks != z[f"{name}/pred_masks"]).sum())
         assert differing <= 10, (name, differing)  # the fixture's own numpy paste: 0 / 0 / 1
 
@@ -208,9 +209,9 @@ def test_final_detections_end_to_end(fx):
     module, variables, z = fx
     for name in IMAGES:
         image = getattr(skimage_data, name)()
-        resized = predict.resize_for_test(image, *TEST_SIZE)
+        resized = processing.resize_for_test(image, *TEST_SIZE)
         np.testing.assert_array_equal(resized, z[f"{name}/input_rgb"])
-        got = predict.detect(module, variables, image, short_edge=TEST_SIZE[0],
+        got = predictor.detect(module, variables, image, short_edge=TEST_SIZE[0],
                              max_size=TEST_SIZE[1])
         ref_boxes, ref_scores = z[f"{name}/pred_boxes"], z[f"{name}/scores"]
         n, n_ref = len(got["scores"]), len(ref_scores)

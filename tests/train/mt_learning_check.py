@@ -122,10 +122,10 @@ def score(workdir, val_json, val_images, size=SIZE):
 
     module, variables = load_detector(workdir, detections_per_image=100)
     if module.config not in _PREDICT_FNS:
-        _PREDICT_FNS[module.config] = predict.make_predict_fn(module)
+        _PREDICT_FNS[module.config] = predictor.make_predict_fn(module)
     fn = _PREDICT_FNS[module.config]
     gt = load_coco_json(val_json)
-    preds = predict.predict(module, variables, predict.images_from_coco(gt, val_images),
+    preds = predictor.predict(module, variables, predictor.images_from_coco(gt, val_images),
                             short_edge=size, max_size=size, buckets=((size, size),), batch_size=8,
                             predict_fn=fn)
     m = coco_eval.evaluate_coco(gt, preds, iou_types=("bbox", "segm"))
@@ -141,17 +141,17 @@ def best_scores(workdir, gt_json, images, size=SIZE, which="student", iou_min=0.
     from pycocotools import mask as mask_utils
 
     from hassod_jax.data.coco import load_coco_json
-    from hassod_jax.evaluate import predict
+    from hassod_jax.inference import predictor
     from hassod_jax.weights.detectron2 import load_detector
 
     module, variables = load_detector(workdir, which=which, **TEST_SETTINGS)
     if module.config not in _PREDICT_FNS:
-        _PREDICT_FNS[module.config] = predict.make_predict_fn(module)
+        _PREDICT_FNS[module.config] = predictor.make_predict_fn(module)
     gt = load_coco_json(gt_json)
     ids = sorted({a["image_id"] for a in gt["annotations"]})
     by_id = {im["id"]: im for im in gt["images"]}
     sub = {**gt, "images": [by_id[i] for i in ids]}
-    preds = predict.predict(module, variables, predict.images_from_coco(sub, images),
+    preds = predictor.predict(module, variables, predictor.images_from_coco(sub, images),
                             short_edge=size, max_size=size, buckets=((size, size),), batch_size=8,
                             predict_fn=_PREDICT_FNS[module.config])
     dets = {}

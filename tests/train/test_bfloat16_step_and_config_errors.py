@@ -1,6 +1,6 @@
 """Paths no other test exercises: a bfloat16 training step (the default `dtype` of
 `configs/train_coco.py`, while every other training test forces float32) and the error paths of
-`supervised.train`, `supervised.build_model` and `evaluate.predict.predict`, each with one clear
+`supervised.train`, `supervised.build_model` and `inference.predictor.predict`, each with one clear
 message raised before any work is done."""
 
 import os
@@ -12,7 +12,7 @@ import pytest
 
 from hassod_jax import defaults, utils
 from hassod_jax.data import loader, synthetic
-from hassod_jax.evaluate import predict
+from hassod_jax.inference import predictor
 from hassod_jax.train import supervised
 from tests.xla_env import FAST_JIT
 
@@ -203,6 +203,6 @@ def test_predict_needs_at_least_one_detection_per_image(small, detections):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     image = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(ValueError) as e:
-        predict.predict(model, variables, [(image, 1)], short_edge=64, max_size=64,
+        predictor.predict(model, variables, [(image, 1)], short_edge=64, max_size=64,
                         detections=detections)
     assert str(e.value) == f"predict: detections must be >= 1, got {detections}"

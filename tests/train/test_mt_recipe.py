@@ -430,7 +430,7 @@ def test_test_time_resize_caps_the_long_side():
     """An elongated 40 x 300 image at short edge 96, max 160: detectron2 gives 21 x 160
     (96 x 720 capped). What predict feeds the detector: the content size and pixels (PIL
     bilinear, as detectron2's ResizeTransform), inside the padding."""
-    from hassod_jax.evaluate import predict
+    from hassod_jax.inference import predictor
 
     img = np.random.default_rng(0).integers(0, 255, (40, 300, 3), dtype=np.uint8)
     want_hw = _d2_resize_shortest_edge(40, 300, 96, 160)
@@ -446,7 +446,7 @@ def test_test_time_resize_caps_the_long_side():
                 "valid": np.zeros((b, d), bool), "index": np.zeros((b, d), np.int32)}
 
     model = D.CascadeMaskRCNN(dataclasses.replace(D.SMALL_CONFIG, detections_per_image=4))
-    predict.predict(model, {}, [(img, 1)], short_edge=96, max_size=160, predict_fn=recording)
+    predictor.predict(model, {}, [(img, 1)], short_edge=96, max_size=160, predict_fn=recording)
     (images, sizes), = seen
     assert tuple(sizes[0]) == want_hw
     want = np.asarray(Image.fromarray(img).resize(want_hw[::-1], Image.BILINEAR))

@@ -1,0 +1,1 @@
+"""Detector inference: the jitted forward and its host pre- and post-processing."""
