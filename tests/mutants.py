@@ -530,6 +530,35 @@ MUTANTS = [
         (Edit("hassod_jax/parallel.py", "return len(hosts) > 1", "return len(hosts) > 0"),),
         ("tests/test_main.py::test_one_tpu_host_is_a_single_process_run",),
     ),
+    Mutant(
+        "checkpoint_model_config_not_saved",
+        "training checkpoints do not store the run's DetectorConfig",
+        (Edit("hassod_jax/train/checkpoint.py", "        if self.model is not None:\n",
+              "        if False:\n"),),
+        ("tests/weights/test_detectron2.py::test_our_checkpoint_keeps_the_runs_model_config",),
+    ),
+    Mutant(
+        "load_detector_ignores_saved_config",
+        "load_detector infers the config from the shapes although the checkpoint stores it",
+        (Edit("hassod_jax/weights/detectron2.py",
+              "stored = _read_orbax_model(step_dir) if saved_config else None", "stored = None"),),
+        ("tests/weights/test_detectron2.py::test_our_checkpoint_keeps_the_runs_model_config",),
+    ),
+    Mutant(
+        "supervised_stores_no_model_config",
+        "the supervised trainer's checkpoints carry no model config",
+        (Edit("hassod_jax/train/supervised.py",
+              "workdir, state, replicated, config.keep_checkpoints, model.config",
+              "workdir, state, replicated, config.keep_checkpoints"),),
+        ("tests/test_predict_mode.py::test_predict_mode_end_to_end",),
+    ),
+    Mutant(
+        "mean_teacher_reads_stage2_config",
+        "Mean Teacher builds its model from the stage-2.2 run's stored config",
+        (Edit("hassod_jax/train/mean_teacher.py", "which=config.init_which, saved_config=False,",
+              "which=config.init_which, saved_config=True,"),),
+        ("tests/train/test_mt_recipe.py::test_the_model_is_its_own_configs_not_the_stage_2_runs",),
+    ),
 ]
 
 _IGNORE = shutil.ignore_patterns(

@@ -48,6 +48,9 @@ def trained(tmp_path_factory):
     c = defaults.training()
     c.train_json, c.images = gt_json, image_dir
     c.model.size = "small"
+    # Not the default 0.5, and no tensor shape shows it: the checkpoint's stored config carries
+    # it to prediction.
+    c.model.test_nms_thresh = 0.6
     c.dtype = "float32"
     c.batch_size = jax.device_count()
     c.max_iter = 2
@@ -120,6 +123,7 @@ def test_predict_mode_end_to_end(trained, tmp_path):
     preds = json.loads((out / "predictions.json").read_text())
     assert preds, "score threshold 0 keeps every detection"
     module, variables = load_detector(checkpoint, detections_per_image=30)
+    assert module.config.test_nms_thresh == 0.6  # the training run's, from its checkpoint
     from pycocotools import mask as mask_utils
 
     for n in names:

@@ -2,10 +2,14 @@
 
 A checkpoint holds the train-state pytree (params, batch statistics, optimizer state, step, EMA
 teacher when present) and, as JSON beside it, the data iterator's state, so a resumed run sees
-the same batches it would have seen. Orbax writes each step into a temporary folder and renames
+the same batches it would have seen, and the model's `DetectorConfig` (item `model`), so
+`load_detector(W)` builds the detector the run trained, fields no tensor shape shows
+(thresholds, proposal counts) included. Checkpoints written before the `model` item existed
+resume and load as before. Orbax writes each step into a temporary folder and renames
 it when complete, so a kill mid-save leaves the previous checkpoint as the newest.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -14,8 +18,10 @@ from absl import logging
 
 
 class Checkpointer:
-    def __init__(self, directory, max_to_keep=3):
+    def __init__(self, directory, max_to_keep=3, model_config=None):
+        """model_config: the detector's `DetectorConfig`, stored with every step (None: not)."""
         self.directory = os.path.abspath(directory)
+        self.model = None if model_config is None else dataclasses.asdict(model_config)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -27,6 +33,8 @@ class Checkpointer:
     def save(self, step, state, data_state=None):
         args = {"state": ocp.args.StandardSave(state)}
         args["data"] = ocp.args.JsonSave(data_state if data_state is not None else {})
+        if self.model is not None:
+            args["model"] = ocp.args.JsonSave(self.model)
         self.manager.save(int(step), args=ocp.args.Composite(**args))
         self.manager.wait_until_finished()
 

@@ -120,13 +120,16 @@ def eta_text(done, start, total, seconds):
 # The loop both trainers run.
 
 
-def restore(workdir, state, sharding, keep):
-    """The run's checkpointer (W/checkpoints, the newest `keep` kept) and the state resumed from
-    its newest checkpoint (or `state` as given), placed with `sharding`.
+def restore(workdir, state, sharding, keep, model_config=None):
+    """The run's checkpointer (W/checkpoints, the newest `keep` kept; each step stores
+    `model_config`, the detector's DetectorConfig) and the state resumed from its newest
+    checkpoint (or `state` as given), placed with `sharding`.
 
     Returns (checkpointer, state, data_state, start): data_state is what the checkpoint holds
     beside the state (None without one), start the step to run next."""
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=keep)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=keep, model_config=model_config
+    )
     state, data_state = checkpointer.restore(state)
     start = int(state.step)
     if start:

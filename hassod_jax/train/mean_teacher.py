@@ -309,12 +309,13 @@ def _shard(batch, sharding):
 def build_model(config):
     """The student/teacher architecture from `config.init_checkpoint` (widths from its shapes),
     with config.model's overrides (DropLoss off, as the original's MT config), and the variables
-    both start from."""
+    both start from. The rest is the recipe's, not the stage-2.2 run's stored config: the
+    original's Mean Teacher config file describes its model whole."""
     from hassod_jax.weights.detectron2 import load_detector
 
     dtype = utils.compute_dtype(config.dtype)
     module, variables = load_detector(
-        config.init_checkpoint, which=config.init_which,
+        config.init_checkpoint, which=config.init_which, saved_config=False,
         **supervised.model_overrides(config.model),
     )
     return module.clone(dtype=dtype), variables
@@ -428,7 +429,7 @@ def train(config, workdir):
     tx, schedule = make_optimizer(config)
     state = jax.device_put(init_mt_state(variables, tx), replicated)
     checkpointer, state, _, start = loop.restore(
-        workdir, state, replicated, config.keep_checkpoints
+        workdir, state, replicated, config.keep_checkpoints, model.config
     )
 
     records = loader.open_records(train_json=config.train_json, images=config.images)

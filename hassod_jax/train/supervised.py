@@ -245,7 +245,7 @@ def train(config, workdir):
     state = init_state(model, tx, init_rng, config.resnet_checkpoint or None)
     state = jax.device_put(state, replicated)
     checkpointer, state, _, start = loop.restore(
-        workdir, state, replicated, config.keep_checkpoints
+        workdir, state, replicated, config.keep_checkpoints, model.config
     )
 
     records = loader.open_records(train_json=config.train_json, images=config.images)

@@ -462,7 +462,27 @@ def _read_orbax(step_dir: str, which: str = "student") -> dict:
     return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
 
 
-def load_detector(path, *, which: str = "student", dtype: Any = None, **overrides):
+def _read_orbax_model(step_dir: str) -> dict | None:
+    """The `DetectorConfig` (as JSON) a step of our training checkpoints stores in its `model`
+    item; None for a step written before the item existed."""
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(os.path.join(step_dir, "model")):
+        return None
+    handler = ocp.CompositeCheckpointHandler(model=ocp.JsonCheckpointHandler())
+    try:
+        with ocp.Checkpointer(handler) as ckptr:
+            restored = ckptr.restore(
+                os.path.abspath(step_dir), args=ocp.args.Composite(model=ocp.args.JsonRestore())
+            )
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a broken directory
+        raise CheckpointError(f"{step_dir}: cannot read the stored model config ({e})") from None
+    return restored["model"]
+
+
+def load_detector(
+    path, *, which: str = "student", dtype: Any = None, saved_config: bool = True, **overrides
+):
     """Loads a detector: `(CascadeMaskRCNN module, {"params", "batch_stats"})`.
 
     Args:
@@ -472,6 +492,10 @@ def load_detector(path, *, which: str = "student", dtype: Any = None, **override
       which: 'student' (default) or 'teacher', for Mean Teacher files holding both (a
         detectron2 teacher-student .pth, or one of our Mean Teacher workdirs or steps).
       dtype: compute dtype of the module (default float32; parameters stay float32).
+      saved_config: for our training checkpoints, start from the DetectorConfig the run stored
+        (every field, thresholds and proposal counts included); False, or a checkpoint older
+        than that record, takes the widths from the tensors' shapes and the rest from
+        `DetectorConfig`'s defaults, as for detectron2 files.
       overrides: DetectorConfig fields to change (e.g. detections_per_image); the widths
         always come from the checkpoint.
     Raises:
@@ -500,8 +524,12 @@ def load_detector(path, *, which: str = "student", dtype: Any = None, **override
                     "or orbax step directory (no checkpoints/<step>/state)"
                 )
             variables = _read_orbax(step_dir, which)
-            # Widths from the shapes, through the detectron2 names (one inference for all).
-            config = _config_from_variables(variables, step_dir, overrides)
+            stored = _read_orbax_model(step_dir) if saved_config else None
+            if stored is not None:
+                config = dataclasses.replace(_config_from_json(stored, step_dir), **overrides)
+            else:
+                # Widths from the shapes, through the detectron2 names (one inference for all).
+                config = _config_from_variables(variables, step_dir, overrides)
             sd = state_dict_from_detector_variables(variables, config)
             path = step_dir
     else:

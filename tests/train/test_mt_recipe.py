@@ -165,6 +165,35 @@ def test_levels_are_recomputed_at_coverage_075():
     np.testing.assert_array_equal(np.asarray(out["levels"])[:3], [0, 1, 0])
 
 
+def test_the_model_is_its_own_configs_not_the_stage_2_runs(tmp_path):
+    """Mean Teacher builds its detector as the original's config file describes it whole: the
+    widths from the init checkpoint, config.model's overrides, DetectorConfig's defaults for the
+    rest; the stage-2.2 run's stored config (here with other thresholds and counts) is not read."""
+    from hassod_jax import defaults
+    from hassod_jax.train import checkpoint as ckpt_lib
+
+    trained = dataclasses.replace(D.SMALL_CONFIG, test_score_thresh=0.25,
+                                  rpn_post_nms_topk_test=77, cascade_ious=(0.4, 0.5, 0.65))
+    model = D.CascadeMaskRCNN(trained)
+    state = supervised.init_state(model, optim.sgd(0.01), jax.random.PRNGKey(1))
+    ck = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints", model_config=trained)
+    ck.save(2, state, {})
+    ck.close()
+    config = defaults.toy_mean_teacher()
+    config.init_checkpoint = str(tmp_path / "W")
+    got, variables = MT.build_model(config)
+    want = dataclasses.replace(
+        D.DetectorConfig(resnet=D.SMALL_CONFIG.resnet), **{
+            k: getattr(D.SMALL_CONFIG, k) for k in ("fpn_channels", "box_fc_dim", "mask_head_dim",
+                                                   "mask_num_conv", "num_levels")},
+        **supervised.model_overrides(config.model),
+    )
+    assert got.config == want
+    assert got.config.test_score_thresh == 0.0 and got.config.cascade_ious == (0.5, 0.6, 0.7)
+    np.testing.assert_array_equal(variables["params"]["fpn"]["fpn_lateral2"]["conv"]["kernel"],
+                                  state.params["fpn"]["fpn_lateral2"]["conv"]["kernel"])
+
+
 # ----------------------------------------------------------------------------------------
 # The step's halves on the small detector.
 

@@ -121,6 +121,8 @@ def test_teacher_student_file(tmp_path, fixture_sd):
 
 
 def test_our_training_checkpoint_loads(tmp_path):
+    """A checkpoint without the stored model config (as written before it existed) loads, its
+    widths from the tensors' shapes."""
     from hassod_jax.train import checkpoint as ckpt_lib
     from hassod_jax.train import supervised
 
@@ -142,6 +144,43 @@ def test_our_training_checkpoint_loads(tmp_path):
         _same_tree({"params": state.params, "batch_stats": state.batch_stats}, variables)
     with pytest.raises(CheckpointError, match="neither an exported detector"):
         W.load_detector(tmp_path)
+
+
+def test_our_checkpoint_keeps_the_runs_model_config(tmp_path):
+    """Training checkpoints store the run's DetectorConfig: loading one gives that config whole,
+    fields no tensor shape shows included (score and NMS thresholds, proposal and detection
+    counts, cascade IoUs), where inference from the shapes gives the defaults; overrides still
+    apply; the run resumes with the stored item there."""
+    import dataclasses
+
+    from hassod_jax.train import checkpoint as ckpt_lib
+    from hassod_jax.train import supervised
+
+    cfg = dataclasses.replace(
+        D.SMALL_CONFIG, test_score_thresh=0.25, test_nms_thresh=0.6, rpn_post_nms_topk_test=77,
+        detections_per_image=41, cascade_ious=(0.4, 0.5, 0.65), mask_max_fg=5,
+    )
+    model = D.CascadeMaskRCNN(cfg)
+    tx = supervised.optim.sgd(0.01)
+    state = supervised.init_state(model, tx, jax.random.PRNGKey(1))
+    ck = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints", model_config=cfg)
+    ck.save(3, state, {"it": 1})
+    ck.close()
+    module, variables = W.load_detector(tmp_path / "W")
+    assert module.config == cfg
+    _same_tree({"params": state.params, "batch_stats": state.batch_stats}, variables)
+    module, _ = W.load_detector(tmp_path / "W", detections_per_image=9)
+    assert module.config == dataclasses.replace(cfg, detections_per_image=9)
+    inferred, _ = W.load_detector(tmp_path / "W", saved_config=False)
+    default = D.DetectorConfig()
+    assert inferred.config.resnet == cfg.resnet and inferred.config.fpn_channels == cfg.fpn_channels
+    assert (inferred.config.test_score_thresh, inferred.config.detections_per_image,
+            inferred.config.cascade_ious) == (default.test_score_thresh,
+                                              default.detections_per_image, default.cascade_ious)
+    resumed = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints", model_config=cfg)
+    got, data = resumed.restore(state)
+    resumed.close()
+    assert data == {"it": 1} and int(got.step) == int(state.step)
 
 
 def test_a_checkpoint_saved_on_8_devices_loads_on_1(tmp_path):
