@@ -28,7 +28,10 @@ from absl import logging
 from PIL import Image
 
 from hassod_jax import utils
-from hassod_jax.discovery import pipeline
+from hassod_jax.data import synthetic
+from hassod_jax.discovery import pipeline, sweep
+from hassod_jax.evaluate import visualize
+from hassod_jax.inference import predictor
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "coins", "horse")
 
@@ -49,8 +52,6 @@ def prepare_data(data_dir, num_synthetic, seed, size, photos):
 
     Returns (image_dir, image_list_json, synthetic_gt_json).
     """
-    from hassod_jax.data import synthetic
-
     image_dir, gt_json = synthetic.write_synthetic_dataset(
         os.path.join(data_dir, "synthetic"), num_synthetic, seed, tuple(size)
     )
@@ -115,8 +116,6 @@ def write_pictures(config, picture_dir, image_dir, rows, detections=None):
 
     detections: {image_id: [COCO result dicts]} or None.
     """
-    from hassod_jax.evaluate import visualize
-
     limit = len(rows) if config.max_pictures < 0 else config.max_pictures
     threshold = config.picture_score_threshold
     sets = {}
@@ -181,7 +180,6 @@ def train_detector(config, workdir, train_json, image_dir, gt_json, image_list):
     """
     import jax
 
-    from hassod_jax.inference import predictor
     from hassod_jax.train import loop, supervised
 
     c = _detector_config(config, train_json, image_dir, gt_json)
@@ -269,8 +267,6 @@ def mean_teacher_phase(config, workdir, detector_config):
 
 
 def run(config, workdir):
-    from hassod_jax.discovery import sweep
-
     data_dir = os.path.join(workdir, "demo_data")
     manifest = os.path.join(data_dir, "manifest.json")
     if os.path.exists(manifest):  # a resumed demo keeps the data it generated

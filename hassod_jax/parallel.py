@@ -7,6 +7,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from hassod_jax.utils import ConfigError
+
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
 
 
@@ -70,8 +72,6 @@ def shard_index(job_index=0, num_jobs=1):
     gets slice j * P + p of num_jobs * P.
     """
     if not 0 <= job_index < num_jobs:
-        from hassod_jax.utils import ConfigError
-
         raise ConfigError(
             f"--config.job_index must be in [0, --config.num_jobs); got {job_index} of {num_jobs}"
         )

@@ -6,7 +6,8 @@ import re
 import sys
 import tokenize
 
-from hassod_jax.cli.flags import FLAGS, LIBRARY_LOG_LEVELS, flag_value, field_paths, parse_flags
+from hassod_jax import defaults
+from hassod_jax.cli.flags import FLAGS, LIBRARY_LOG_LEVELS, field_paths, flag_value, parse_flags
 from hassod_jax.modes import MODES
 
 
@@ -55,8 +56,6 @@ def _source_comments(source, start=1, end=None):
 def config_comments(config_path):
     """Comments on the fields of a config file: those of the `defaults.X()` functions it calls
     (and those they call), then the file's own, later ones winning."""
-    from hassod_jax import defaults
-
     try:
         own = open(config_path, encoding="utf-8").read()
         base = open(defaults.__file__, encoding="utf-8").read()

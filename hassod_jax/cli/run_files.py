@@ -6,6 +6,8 @@ import os
 
 from absl import logging
 
+from hassod_jax import utils
+
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,8 +40,6 @@ def _process_index():
 def setup_run_files(config, workdir, library_log_level="warning"):
     """Filters library logs, adds W/log.txt (appended; W/log.txt.rankN on other processes) and
     writes W/config.json (process 0). Returns the file handler."""
-    from hassod_jax import utils
-
     os.makedirs(workdir, exist_ok=True)
     log_filter = LibraryLogFilter(library_log_level)
     absl_handler = logging.get_absl_handler()

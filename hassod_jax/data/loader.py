@@ -66,7 +66,9 @@ from typing import Sequence
 
 import numpy as np
 
-from hassod_jax.data import augment
+from hassod_jax.data import augment, strong_augment
+from hassod_jax.data.images import load_image_rgb
+from hassod_jax.data.tfds_source import ArrayRecordRecords
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -246,7 +248,6 @@ class CocoRecords:
         import os
 
         from hassod_jax.data.coco import annotation_to_mask
-        from hassod_jax.data.images import load_image_rgb
 
         img = self.images[i]
         h, w = (int(v) for v in self.sizes[i])
@@ -287,8 +288,6 @@ def open_records(train_json=None, images=None, tfds_dir=None, split="train", fil
     if tfds_dir and (train_json or images):
         raise ValueError("give either tfds_dir or train_json + images, not both")
     if tfds_dir:
-        from hassod_jax.data.tfds_source import ArrayRecordRecords
-
         records = ArrayRecordRecords(tfds_dir, split=split, filter_empty=filter_empty)
         dropped, source = len(records.examples) - len(records), tfds_dir
     else:
@@ -620,8 +619,6 @@ class DetectionBatchSource:
                 max_instances=cfg.max_instances,
             )
         if cfg.strong_views:
-            from hassod_jax.data import strong_augment
-
             examples = [
                 {**ex, "image_strong": strong_augment.strong_view(
                     ex["image"], np.random.default_rng([cfg.seed, _STRONG_TAG, k, lo + i]))}

@@ -23,7 +23,9 @@ import numpy as np
 from absl import logging
 
 from hassod_jax import utils
+from hassod_jax.data import coco
 from hassod_jax.discovery import pipeline
+from hassod_jax.evaluate import coco_eval, visualize
 
 OUTPUT_DIR = "sweep"
 
@@ -72,9 +74,6 @@ def threshold_statistics(rows, thresholds):
 
 def evaluate_thresholds(rows, thresholds, gt_json, ensemble_thresholds=()):
     """Class-agnostic mask AR/AP per threshold and for the ensembles, against `gt_json`."""
-    from hassod_jax.data import coco
-    from hassod_jax.evaluate import coco_eval
-
     gt = coco.load_coco_json(gt_json)
     gt_ids = {im["id"] for im in gt["images"]}
 
@@ -115,7 +114,6 @@ def write_report(config, workdir, rows, thresholds):
         )
     out = os.path.join(workdir, OUTPUT_DIR, "sweep.json")
     utils.atomic_write_json(out, report, indent=1)
-    from hassod_jax.evaluate import visualize
 
     visualize.plot_sweep(os.path.join(workdir, OUTPUT_DIR, "sweep.png"), report)
     lines = [f"{'threshold':>10} {'regions/img':>12} {'masks/img':>10} {'AR@100':>8} {'AP':>8}"]

@@ -41,6 +41,13 @@ import os
 import numpy as np
 
 from hassod_jax import utils
+from hassod_jax.data.coco import (
+    image_sizes,
+    load_coco_json,
+    segmentation_to_rle,
+    to_class_agnostic,
+    validate_coco_dict,
+)
 
 ORIGINAL_MAX_DETS = (10, 100, 1000)
 DEFAULT_MAX_DETS = ORIGINAL_MAX_DETS
@@ -58,13 +65,6 @@ LIST_IDS_UP_TO = 100  # the output lists the scored image ids when there are at 
 
 def _prepare_gt(gt):
     """COCO dict or path -> class-agnostic COCO dict (a copy)."""
-    from hassod_jax.data.coco import (
-        image_sizes,
-        load_coco_json,
-        to_class_agnostic,
-        validate_coco_dict,
-    )
-
     if isinstance(gt, (str, os.PathLike)):
         data = load_coco_json(gt)
     else:
@@ -89,8 +89,6 @@ def _prepare_gt(gt):
 
 def _area_of(ann, size):
     """Area of a ground-truth annotation that lacks 'area': mask area, else box area."""
-    from hassod_jax.data.coco import segmentation_to_rle
-
     if "segmentation" in ann and size is not None:
         from pycocotools import mask as mask_utils
 
@@ -156,8 +154,6 @@ def _split_by_gt(predictions, gt_ids, restrict_to_gt, gt_source):
 def _prepare_predictions(predictions, gt_data):
     """Validates predictions; returns a list of dicts with compressed-RLE masks (bytes counts).
     A malformed prediction raises InputError naming it."""
-    from hassod_jax.data.coco import image_sizes
-
     sizes = image_sizes(gt_data)
     out = []
     for i, p in enumerate(predictions):
@@ -169,8 +165,6 @@ def _prepare_predictions(predictions, gt_data):
 
 
 def _prepare_prediction(p, sizes):
-    from hassod_jax.data.coco import segmentation_to_rle
-
     if "segmentation" not in p and "bbox" not in p:
         raise ValueError("it has neither 'segmentation' nor 'bbox'")
     q = {"image_id": p["image_id"], "category_id": 1, "score": float(p.get("score", 1.0))}

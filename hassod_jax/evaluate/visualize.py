@@ -16,6 +16,7 @@ import io
 import numpy as np
 
 from hassod_jax import utils
+from hassod_jax.data.coco import annotation_to_mask
 
 LEVEL_NAMES = ("whole", "part", "subpart")
 LEVEL_TAGS = ("W", "P", "S")
@@ -236,8 +237,6 @@ def save_picture(path, image, sets, **kwargs):
 def masks_of(anns, shape):
     """(N, H, W) bool masks of COCO annotations or results (RLE, polygons) on an image of
     `shape` (H, W)."""
-    from hassod_jax.data.coco import annotation_to_mask
-
     if not anns:
         return np.zeros((0,) + tuple(shape), bool)
     return np.stack([annotation_to_mask(a, *shape).astype(bool) for a in anns])

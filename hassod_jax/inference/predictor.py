@@ -18,6 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hassod_jax.data import images as image_io
+from hassod_jax.data import loader
+from hassod_jax.data.images import check_rgb_uint8, load_image_rgb
 from hassod_jax.inference.processing import (
     SIZE_DIVISIBILITY,
     detections_to_coco,
@@ -34,7 +37,6 @@ def make_sharded_predict_fn(model, devices=None):
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from hassod_jax.data import loader
 
     devices = list(devices or jax.local_devices())
     if len(devices) == 1:
@@ -58,7 +60,6 @@ def make_predict_fn(model):
     -> detection dict of `CascadeMaskRCNN` (inference mode); recompiles per padded shape."""
     import jax
 
-    from hassod_jax.data import loader
 
     def fn(variables, images, image_sizes):
         x = loader.normalize_padded(images, image_sizes)
@@ -89,7 +90,6 @@ def detect(module, variables, image, *, short_edge=800, max_size=1333, score_thr
     """
     import jax
 
-    from hassod_jax.data.images import check_rgb_uint8
 
     image = check_rgb_uint8(np.asarray(image), "detect")
     oh, ow = image.shape[:2]
@@ -119,8 +119,6 @@ def _with_detections(model, detections):
 
 def _load(item):
     """(source, image_id) -> ((H, W, 3) uint8, image_id); source: a path or an array."""
-    from hassod_jax.data.images import load_image_rgb
-
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise ValueError(
             f"predict: each entry of `images` must be (path or (H, W, 3) uint8 array, "
@@ -272,7 +270,6 @@ def list_inputs(images, image_dir=""):
     import glob as glob_lib
 
     from hassod_jax import utils
-    from hassod_jax.data import images as image_io
 
     spec = os.fspath(images)
     if spec.lower().endswith(".json") and os.path.isfile(spec):

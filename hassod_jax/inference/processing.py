@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hassod_jax.data import augment
+from hassod_jax.data import augment, loader
 
 SIZE_DIVISIBILITY = 32
 
@@ -50,8 +50,6 @@ def padded_shape(h, w, buckets=None):
     """(Hp, Wp) the resized (h, w) image is padded to: the smallest bucket holding it (each
     bucket a (height, width) multiple of 32), or (h, w) rounded up to 32 when buckets is
     None or empty."""
-    from hassod_jax.data import loader
-
     if not buckets:
         return (
             loader.round_up(h, SIZE_DIVISIBILITY),

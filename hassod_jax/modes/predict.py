@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from hassod_jax.data.images import ImageReadError, load_image_rgb
 from hassod_jax.inference import predictor, processing
 
 
@@ -51,7 +52,6 @@ def run(config, workdir):
     from absl import logging
 
     from hassod_jax import utils
-    from hassod_jax.data.images import ImageReadError, load_image_rgb
     from hassod_jax.evaluate import visualize
     from hassod_jax.weights.detectron2 import load_detector
 

@@ -10,6 +10,9 @@ import numpy as np
 from absl import logging
 
 from hassod_jax import utils
+from hassod_jax.data import loader
+from hassod_jax.data.coco import load_coco_json
+from hassod_jax.evaluate import coco_eval, level_accuracy
 from hassod_jax.inference import predictor
 from hassod_jax.train import checkpoint as ckpt_lib
 
@@ -40,10 +43,6 @@ def evaluate_state(config, model, state, predict_fn=None):
     detections per image), val/level_accuracy (-1 when no detection is foreground),
     val/num_predictions, val/seconds.
     """
-    from hassod_jax.data import loader
-    from hassod_jax.data.coco import load_coco_json
-    from hassod_jax.evaluate import coco_eval, level_accuracy
-
     t0 = time.perf_counter()
     # A host copy: the replicated global arrays may span other processes' devices, while
     # inference runs on this process's default device only.

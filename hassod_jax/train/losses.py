@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from hassod_jax.ops import box_iou
+
 
 def _f32(x):
     return jnp.asarray(x, jnp.float32)
@@ -78,8 +80,6 @@ def droploss_weights(pred_boxes, gt_boxes, gt_valid, iou_threshold: float = 0.01
     Returns:
       (R,) float32 in {0, 1}.
     """
-    from hassod_jax.ops import box_iou
-
     iou = box_iou(_f32(pred_boxes), _f32(gt_boxes))  # (R, G)
     iou = jnp.where(gt_valid[None, :], iou, -1.0)
     return (jnp.max(iou, axis=1, initial=-1.0) > iou_threshold).astype(jnp.float32)
@@ -102,8 +102,6 @@ def droploss_weights_original(
     Returns:
       (R,) float32 in {0, 1} (1 on invalid rows; they carry no loss anyway).
     """
-    from hassod_jax.ops import box_iou
-
     r = valid.shape[0]
     rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
     n = min(int(first), r)

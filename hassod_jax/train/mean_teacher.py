@@ -35,8 +35,10 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hassod_jax import ops, parallel, utils
+from hassod_jax.data import loader
 from hassod_jax.discovery.hierarchy import hierarchy_levels_padded
 from hassod_jax.train import loop, optim, schedules, supervised
+from hassod_jax.weights.detectron2 import export_detector, load_detector
 
 EMA_KEEP = 0.9996
 SCORE_THRESH = 0.7
@@ -144,8 +146,6 @@ def init_mt_state(variables, tx):
 
 
 def _images(batch, key):
-    from hassod_jax.data import loader
-
     x = batch[key]
     if x.dtype == jnp.uint8:
         x = loader.normalize_padded(x, batch["image_sizes"])
@@ -153,8 +153,6 @@ def _images(batch, key):
 
 
 def _gt(batch, width):
-    from hassod_jax.data import loader
-
     masks = batch["masks"]
     if masks.dtype == jnp.uint8:  # bit-packed by the loader
         masks = loader.unpack_masks(masks, width)
@@ -311,8 +309,6 @@ def build_model(config):
     with config.model's overrides (DropLoss off, as the original's MT config), and the variables
     both start from. The rest is the recipe's, not the stage-2.2 run's stored config: the
     original's Mean Teacher config file describes its model whole."""
-    from hassod_jax.weights.detectron2 import load_detector
-
     dtype = utils.compute_dtype(config.dtype)
     module, variables = load_detector(
         config.init_checkpoint, which=config.init_which, saved_config=False,
@@ -370,8 +366,6 @@ def make_streams(config, records, start=0):
     continues both exactly. With the unlabeled branch left out (`unsup=False`) there is no
     "unlabel" stream.
     """
-    from hassod_jax.data import loader
-
     streams = [("label", config.batch_size_label, config.seed)]
     if config.get("unsup", True):
         streams.append(("unlabel", config.batch_size_unlabel, config.seed + 1))
@@ -396,9 +390,6 @@ def train(config, workdir):
     """Runs (or resumes) Mean Teacher; returns the final state and the last logged metrics.
     The student is the model the run produces (`W/checkpoints`, read by `load_detector(W)`,
     and the exported `W/model_final`)."""
-    from hassod_jax.data import loader
-    from hassod_jax.weights.detectron2 import export_detector
-
     parallel.maybe_initialize_distributed()
     utils.require(config, "init_checkpoint", "train_json", "images", mode=config.mode)
     eval_on = loop.eval_enabled(config)

@@ -53,6 +53,9 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from hassod_jax import utils
+from hassod_jax.models import resnet
+
 ESTIMATORS = ("population", "mean")
 _SEED_TAG = 0x50424E  # "PBN": keeps PreciseBN's plan apart from the training plan's
 
@@ -67,8 +70,6 @@ def runs_at(done, every, max_iter):
 
 def check_config(config):
     """Validates the PreciseBN settings of a training config (no-op when it is off)."""
-    from hassod_jax import utils
-
     if not config.get("precise_bn", False):
         return
     if int(config.get("precise_bn_iters", 200)) < 1:
@@ -117,8 +118,6 @@ def make_batches(records, train_loader_config, step, num_iters, worker_count=0, 
 
 
 def _is_bn(module, method_name):
-    from hassod_jax.models import resnet
-
     return isinstance(module, resnet.BatchNorm) and method_name == "__call__"
 
 

@@ -33,7 +33,10 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hassod_jax import parallel, utils
+from hassod_jax.data import loader
+from hassod_jax.models import detector
 from hassod_jax.train import loop, optim, precise_bn, schedules
+from hassod_jax.weights.torch_resnet import load_resnet50
 
 
 @flax.struct.dataclass
@@ -57,8 +60,6 @@ def model_overrides(model_config):
 def build_model(config, dtype=None):
     """The detector described by `config.model` (size 'r50' | 'small') and `config.dtype`
     (or `dtype`, e.g. PreciseBN's float32: the parameters are the same)."""
-    from hassod_jax.models import detector
-
     base = {"r50": detector.DetectorConfig(), "small": detector.SMALL_CONFIG}.get(config.model.size)
     if base is None:
         raise utils.ConfigError(
@@ -94,8 +95,6 @@ def init_state(model, tx, rng, resnet_checkpoint=None):
     variables = jax.jit(lambda r: model.init(r, images, train=False))(rng)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     if resnet_checkpoint:
-        from hassod_jax.weights.torch_resnet import load_resnet50
-
         _, loaded = load_resnet50(resnet_checkpoint, config=model.config.resnet)
         params = _replace_subtree(params, "backbone", loaded["params"], resnet_checkpoint)
         batch_stats = _replace_subtree(
@@ -122,8 +121,6 @@ def _replace_subtree(tree, key, new, source):
 
 def make_train_step(model, tx, schedule):
     """(state, batch, rng) -> (state, metrics); batch arrays as the loader emits them."""
-    from hassod_jax.data import loader
-
     def step_fn(state, batch, rng):
         images = batch["images"]
         if images.dtype == jnp.uint8:
@@ -194,8 +191,6 @@ def shard_batch(batch, sharding):
 
 def loader_config(config, **overrides):
     """LoaderConfig from config.data (+ batch size and seed); `overrides` replace fields."""
-    from hassod_jax.data import loader
-
     d = config.data
     fields = dict(
         global_batch_size=config.get("batch_size", 1),
@@ -217,8 +212,6 @@ def loader_config(config, **overrides):
 
 def train(config, workdir):
     """Runs (or resumes) training; returns the final state and the last logged metrics."""
-    from hassod_jax.data import loader
-
     parallel.maybe_initialize_distributed()
     utils.require(config, "train_json", "images", mode=config.mode)
     eval_on = loop.eval_enabled(config)

@@ -23,7 +23,10 @@ import sys
 
 import numpy as np
 
+from hassod_jax.weights import detectron2
 from hassod_jax.weights.formats import save_converted
+from hassod_jax.weights.torch_reader import read_checkpoint
+from hassod_jax.weights.torch_writer import save_torch_checkpoint
 
 FAMILIES = ("vit",)
 
@@ -35,7 +38,6 @@ def convert_vit(input_path, output_dir, num_heads: int | None = None) -> dict:
         params_from_state_dict,
         vit_arch_from_state_dict,
     )
-    from hassod_jax.weights.torch_reader import read_checkpoint
 
     source = os.fspath(input_path)
     sd = backbone_state_dict(read_checkpoint(source), source)
@@ -47,9 +49,6 @@ def convert_vit(input_path, output_dir, num_heads: int | None = None) -> dict:
 
 def convert_detector(input_path, output, to: str, which: str = "student") -> str:
     """Converts a detector checkpoint; returns a one-line description of what was written."""
-    from hassod_jax.weights import detectron2
-    from hassod_jax.weights.torch_writer import save_torch_checkpoint
-
     module, variables = detectron2.load_detector(input_path, which=which)
     if to == "detectron2":
         sd = detectron2.state_dict_from_detector_variables(variables, module.config)

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from hassod_jax.weights.torch_reader import CheckpointError
+from hassod_jax.weights.formats import is_converted_dir, load_converted, save_converted
+from hassod_jax.weights.torch_reader import CheckpointError, flatten_tree, read_checkpoint
 
 __all__ = [
     "detector_config_from_state_dict",
@@ -139,8 +140,6 @@ def select_model_state_dict(tree: Any, source: str, which: str = "student") -> d
     Accepts `{"model": sd, ...}` or a bare state dict; a teacher-student file (keys prefixed
     `modelStudent.` / `modelTeacher.`) gives the student unless `which="teacher"`.
     """
-    from hassod_jax.weights.torch_reader import flatten_tree
-
     if which not in ("student", "teacher"):
         raise ValueError(f"{source}: which must be 'student' or 'teacher', got {which!r}")
     if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
@@ -364,8 +363,6 @@ def _d2_order(name: str):
 
 
 def _read_pth(path: str, which: str):
-    from hassod_jax.weights.torch_reader import read_checkpoint
-
     tree = read_checkpoint(path)
     return select_model_state_dict(tree, path, which)
 
@@ -373,8 +370,6 @@ def _read_pth(path: str, which: str):
 def export_detector(directory, variables: dict, config, source: str = "") -> None:
     """Writes our exported-model format: `params.msgpack` ({"params", "batch_stats"}) and
     `arch.json` (family 'detector', the DetectorConfig)."""
-    from hassod_jax.weights.formats import save_converted
-
     arch = _config_to_json(config)
     tree = {"params": _as_dict(variables["params"]),
             "batch_stats": _as_dict(variables["batch_stats"])}
@@ -505,7 +500,6 @@ def load_detector(
     import jax.numpy as jnp
 
     from hassod_jax.models import detector
-    from hassod_jax.weights.formats import is_converted_dir, load_converted
 
     path = os.fspath(path)
     if not os.path.exists(path):
