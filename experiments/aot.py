@@ -21,7 +21,7 @@ The programs, each built from configs/*.py by the mode's own builder:
   discovery   the device part of one discovery batch: vit, hac, `cut_labels` and crf, compiled
               one by one; the row sums compile time and FLOPs and takes the largest memory.
   train_step  `supervised.jit_train_step` (stage 2.2), bfloat16 by default.
-  mt_step     `mean_teacher.jit_mt_step` (stage 2.3), float32.
+  mt_step     `modes.mean_teacher.jit_mt_step` (stage 2.3), float32.
   predict     `predictor.make_sharded_predict_fn` (shard_map over ONE host's chips), float32.
   precise_bn  `precise_bn.jit_accumulate_step`: one PreciseBN statistics batch, float32.
 
@@ -201,14 +201,14 @@ def _host_devices(devices):
 
 
 def _detector(config, opts, dtype=None, **overrides):
-    """The detector `supervised.build_model` makes of `config`, with --model and overrides."""
-    from hassod_jax.train import supervised
+    """The detector `modes.train.build_model` makes of `config`, with --model and overrides."""
+    from hassod_jax.modes import train as train_mode
 
     config = config.copy_and_resolve_references()
     config.model.size = opts.model
     for k, v in overrides.items():
         config.model[k] = v
-    return supervised.build_model(config, dtype=dtype)
+    return train_mode.build_model(config, dtype=dtype)
 
 
 def _variables(model, image_hw=(64, 64)):
@@ -244,13 +244,14 @@ def build_train_step(devices, opts):
     import jax
     import numpy as np
 
+    from hassod_jax.modes import train as train_mode
     from hassod_jax.train import supervised
 
     cfg = load_config("train_coco")
     cfg.dtype = opts.dtype or cfg.dtype
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     model = _detector(cfg, opts)
-    tx, schedule = supervised.make_optimizer(cfg)
+    tx, schedule = train_mode.make_optimizer(cfg)
     fn, data, repl = supervised.jit_train_step(model, tx, schedule, mesh)
     state = jax.eval_shape(lambda r: supervised.init_state(model, tx, r), jax.random.PRNGKey(0))
     per_chip, hw = opts.per_chip or 2, opts.image or (800, 1344)
@@ -268,6 +269,7 @@ def build_mt_step(devices, opts):
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from hassod_jax.modes import mean_teacher as mt_mode
     from hassod_jax.train import mean_teacher
 
     cfg = load_config("mean_teacher_coco")
@@ -278,10 +280,10 @@ def build_mt_step(devices, opts):
     train_cfg = load_config("train_coco")
     overrides = {k: v for k, v in cfg.model.items() if v is not None}
     model = _detector(train_cfg, opts, dtype=cfg.dtype, **overrides)
-    tx, schedule = mean_teacher.make_optimizer(cfg)
+    tx, schedule = mt_mode.make_optimizer(cfg)
     variables = _variables(model)
     state = jax.eval_shape(lambda v: mean_teacher.init_mt_state(v, tx), variables)
-    fn = mean_teacher.jit_mt_step(cfg, model, tx, schedule, mesh)
+    fn = mt_mode.jit_mt_step(cfg, model, tx, schedule, mesh)
     data = NamedSharding(mesh, PartitionSpec("data"))
     repl = NamedSharding(mesh, PartitionSpec())
     per_chip, hw = opts.per_chip or 1, opts.image or (800, 1344)

@@ -149,6 +149,8 @@ def main(argv=None):
     from jax.sharding import NamedSharding, PartitionSpec
 
     from hassod_jax import parallel
+    from hassod_jax.modes import mean_teacher as mt_mode
+    from hassod_jax.modes import train as train_mode
     from hassod_jax.train import mean_teacher as MT
     from hassod_jax.train import supervised
 
@@ -169,17 +171,17 @@ def main(argv=None):
               "jax": jax.__version__, "scenes_s": scenes_s, "build_s": build_s}  # fmt: skip
 
     # The plain (stage 2.2) step: DropLoss on, its multistep schedule.
-    plain_model = supervised.build_model(
+    plain_model = train_mode.build_model(
         Cfg(model=Cfg(config.model, use_droploss=True), dtype=args.dtype))
-    tx, sched = supervised.make_optimizer(config)
+    tx, sched = train_mode.make_optimizer(config)
     plain_host = jax.device_get(supervised.init_state(plain_model, tx, jax.random.PRNGKey(0)))
     plain_step = jax.jit(supervised.make_train_step(plain_model, tx, sched),
                          in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                          donate_argnums=(0,))
     # The MT step: DropLoss off, WarmupCosineLR; student = teacher at the start.
-    mt_model = supervised.build_model(
+    mt_model = train_mode.build_model(
         Cfg(model=Cfg(config.model, use_droploss=False), dtype=args.dtype))
-    mt_tx, mt_sched = MT.make_optimizer(config)
+    mt_tx, mt_sched = mt_mode.make_optimizer(config)
     mt_host = jax.device_get(MT.init_mt_state(
         {"params": plain_host.params, "batch_stats": plain_host.batch_stats}, mt_tx))
     mt_step = jax.jit(

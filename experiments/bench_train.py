@@ -6,7 +6,7 @@
     python experiments/bench_train.py                    # R50, the paper's multi-scale sizes
 
 The step is `supervised.make_train_step` (forward, losses, backward, SGD with clipping,
-state donated), jitted with the batch sharded over all local devices as `supervised.train`
+state donated), jitted with the batch sharded over all local devices as `modes.train.train`
 jits it, with stage 2.2's optimizer settings (`defaults.training()`). It is compiled ahead
 of time (`lower().compile()`, timed apart from the steps); before it runs, its memory
 analysis is checked against the device's allocator limit and the batch halved while it
@@ -165,7 +165,7 @@ def make_config(args):
 
 
 def loader_cfg(config, **overrides):
-    """`supervised.loader_config(config, **overrides)` without importing JAX (the batches are
+    """`modes.train.loader_config(config, **overrides)` without importing JAX (the batches are
     built in forked processes before JAX starts); `check_loader_cfg` compares the two."""
     from hassod_jax.data import loader
 
@@ -189,11 +189,11 @@ def loader_cfg(config, **overrides):
 
 
 def check_loader_cfg(lcfg, config, **overrides):
-    from hassod_jax.train import supervised
+    from hassod_jax.modes import train as train_mode
 
-    ref = supervised.loader_config(config, **overrides)
+    ref = train_mode.loader_config(config, **overrides)
     if ref != lcfg:
-        raise SystemExit(f"bench loader config differs from supervised.loader_config:\n"
+        raise SystemExit(f"bench loader config differs from modes.train.loader_config:\n"
                          f"{lcfg}\n{ref}")  # fmt: skip
 
 
@@ -356,6 +356,7 @@ def main(argv=None):
 
     from hassod_jax import parallel
     from hassod_jax.data import loader
+    from hassod_jax.modes import train as train_mode
     from hassod_jax.train import supervised
 
     check_loader_cfg(lcfg, config)
@@ -365,8 +366,8 @@ def main(argv=None):
         raise SystemExit(f"--batch {args.batch} must be a multiple of {n_dev} devices")
     data_sharding = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
-    model = supervised.build_model(config)
-    tx, schedule = supervised.make_optimizer(config)
+    model = train_mode.build_model(config)
+    tx, schedule = train_mode.make_optimizer(config)
     host_state = jax.device_get(supervised.init_state(model, tx, jax.random.PRNGKey(0)))
     step_fn = jax.jit(
         supervised.make_train_step(model, tx, schedule),

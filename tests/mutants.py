@@ -287,7 +287,7 @@ MUTANTS = [
     Mutant(
         "streams_same_seed",
         "the label and unlabel streams share one seed (the same batches)",
-        (Edit("hassod_jax/train/mean_teacher.py",
+        (Edit("hassod_jax/modes/mean_teacher.py",
               '("unlabel", config.batch_size_unlabel, config.seed + 1)',
               '("unlabel", config.batch_size_unlabel, config.seed)'),),
         ("tests/train/test_mt_recipe.py::"
@@ -547,7 +547,7 @@ MUTANTS = [
     Mutant(
         "supervised_stores_no_model_config",
         "the supervised trainer's checkpoints carry no model config",
-        (Edit("hassod_jax/train/supervised.py",
+        (Edit("hassod_jax/modes/train.py",
               "workdir, state, replicated, config.keep_checkpoints, model.config",
               "workdir, state, replicated, config.keep_checkpoints"),),
         ("tests/test_predict_mode.py::test_predict_mode_end_to_end",),
@@ -555,7 +555,7 @@ MUTANTS = [
     Mutant(
         "mean_teacher_reads_stage2_config",
         "Mean Teacher builds its model from the stage-2.2 run's stored config",
-        (Edit("hassod_jax/train/mean_teacher.py", "which=config.init_which, saved_config=False,",
+        (Edit("hassod_jax/modes/mean_teacher.py", "which=config.init_which, saved_config=False,",
               "which=config.init_which, saved_config=True,"),),
         ("tests/train/test_mt_recipe.py::test_the_model_is_its_own_configs_not_the_stage_2_runs",),
     ),

@@ -2,11 +2,11 @@
 
 libtpu's compile-only devices (`jax.experimental.topologies`, the `test` extra installs libtpu)
 let this CPU-only session run the TPU compiler on the steps as the modes build them
-(experiments/aot.py: `supervised.jit_train_step`, `mean_teacher.jit_mt_step`, the batch sharded
-over a 2x2 v5e slice), so a construct that only a CPU or CUDA backend accepts (a host callback, a
-float64 op, a GPU-only kernel) fails here instead of on the first pod job. The small detector
-at 64 x 64, one image per chip (MT: 1 + 1), at the compiler's lowest effort (`FAST_COMPILE`):
-the question is whether it compiles, not how well.
+(experiments/aot.py: `supervised.jit_train_step`, `modes.mean_teacher.jit_mt_step`, the batch
+sharded over a 2x2 v5e slice), so a construct that only a CPU or CUDA backend accepts (a host
+callback, a float64 op, a GPU-only kernel) fails here instead of on the first pod job. The small
+detector at 64 x 64, one image per chip (MT: 1 + 1), at the compiler's lowest effort
+(`FAST_COMPILE`): the question is whether it compiles, not how well.
 """
 
 import importlib.util

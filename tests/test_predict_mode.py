@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
 
     from hassod_jax import defaults
     from hassod_jax.data import synthetic
-    from hassod_jax.train import supervised
+    from hassod_jax.modes import train as train_mode
 
     root = tmp_path_factory.mktemp("predict_mode")
     image_dir, gt_json = synthetic.write_synthetic_dataset(str(root / "data"), 8, 0, (72, 100))
@@ -65,7 +65,7 @@ def trained(tmp_path_factory):
     if "precise_bn" in c:
         c.precise_bn = False
     workdir = str(root / "train")
-    supervised.train(c, workdir)
+    train_mode.train(c, workdir)
     return workdir, image_dir, gt_json
 
 

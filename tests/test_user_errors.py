@@ -213,14 +213,14 @@ def test_an_unknown_compute_dtype_names_the_field(tmp_path, build):
          "discover": defaults.discovery}[build]()
     c.dtype = "float16"
     if build == "train":
-        from hassod_jax.train import supervised
+        from hassod_jax.modes import train as train_mode
 
-        msg = _user_error(supervised.build_model, c)
+        msg = _user_error(train_mode.build_model, c)
     elif build == "mean_teacher":
-        from hassod_jax.train import mean_teacher
+        from hassod_jax.modes import mean_teacher as mt_mode
 
         c.init_checkpoint = str(tmp_path / "missing")
-        msg = _user_error(mean_teacher.build_model, c)
+        msg = _user_error(mt_mode.build_model, c)
     else:
         from hassod_jax.discovery import pipeline
 

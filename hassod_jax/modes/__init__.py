@@ -38,12 +38,12 @@ MODES = {
         ),
     ),
     "train": Mode(
-        "hassod_jax.train.supervised:run",
+        "hassod_jax.modes.train:run",
         "configs/train_coco.py",
         "stage 2: Cascade Mask R-CNN on the pseudo-labels",
     ),
     "mean_teacher": Mode(
-        "hassod_jax.train.mean_teacher:run",
+        "hassod_jax.modes.mean_teacher:run",
         "configs/mean_teacher_coco.py",
         "stage 2, second part: Mean Teacher self-training from a trained detector",
     ),

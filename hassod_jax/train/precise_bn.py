@@ -53,7 +53,6 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from hassod_jax import utils
 from hassod_jax.models import resnet
 
 ESTIMATORS = ("population", "mean")
@@ -66,26 +65,6 @@ def runs_at(done, every, max_iter):
     `PreciseBN.after_step`: `next_iter == max_iter or next_iter % period == 0`)."""
     done = int(done)
     return done == int(max_iter) or (int(every) > 0 and done % int(every) == 0)
-
-
-def check_config(config):
-    """Validates the PreciseBN settings of a training config (no-op when it is off)."""
-    if not config.get("precise_bn", False):
-        return
-    if int(config.get("precise_bn_iters", 200)) < 1:
-        raise utils.ConfigError(
-            f"config.precise_bn_iters must be >= 1, got {config.precise_bn_iters}"
-        )
-    if int(config.get("precise_bn_every", 5000)) < 0:
-        raise utils.ConfigError(
-            f"config.precise_bn_every must be >= 0 (0: only at the last step), got "
-            f"{config.precise_bn_every}"
-        )
-    est = config.get("precise_bn_estimator", "population")
-    if est not in ESTIMATORS:
-        raise utils.ConfigError(
-            f"config.precise_bn_estimator must be one of {ESTIMATORS}, got {est!r}"
-        )
 
 
 def batch_seed(seed, step):

@@ -1,6 +1,6 @@
 """The full R50 detector (`DetectorConfig()`, every field at its default: ResNet-50, 256-channel
 FPN, 2000/4000 RPN top-k, 512 ROIs per image, 1024-wide box heads, 4-conv mask head) built by
-`supervised.build_model` for `config.model.size = 'r50'`, its backbone initialised by
+`modes.train.build_model` for `config.model.size = 'r50'`, its backbone initialised by
 `supervised.init_state(..., resnet_checkpoint=...)` from a torchvision ResNet-50 file the test
 writes (`torch.save` of a randomly initialised `torchvision.models.resnet50` state dict), and
 stepped once by the training step on two 64 x 64 images, float32.
@@ -18,6 +18,7 @@ from hassod_jax import defaults
 from hassod_jax.models import detector as D
 from hassod_jax.models import resnet
 from hassod_jax.weights import torch_resnet
+from hassod_jax.modes import train as train_mode
 from hassod_jax.train import supervised
 from tests.models.torch_resnet import resnet50_with_random_bn
 from tests.xla_env import FAST_JIT
@@ -79,10 +80,10 @@ def _batch(seed=0):
 def test_full_r50_init_from_resnet_checkpoint_and_one_train_step(r50_file):
     path, tv = r50_file
     c = _config()
-    model = supervised.build_model(c)
+    model = train_mode.build_model(c)
     assert model.config == D.DetectorConfig()
     assert model.config.resnet == resnet.RESNET50
-    tx, sched = supervised.make_optimizer(c)
+    tx, sched = train_mode.make_optimizer(c)
     rng = jax.random.PRNGKey(0)
     state = supervised.init_state(model, tx, rng, resnet_checkpoint=path)
 
@@ -152,8 +153,8 @@ def test_init_state_refuses_a_resnet_checkpoint_that_does_not_fit(r50_file):
     path, _ = r50_file
     c = _config()
     c.model.size = "small"  # basic blocks, width 16: a ResNet-50 file does not fit
-    model = supervised.build_model(c)
-    tx, _ = supervised.make_optimizer(c)
+    model = train_mode.build_model(c)
+    tx, _ = train_mode.make_optimizer(c)
     msg = (
         r"(?s)dino_resnet50_pretrain\.pth: checkpoint does not match ResNet\(.*"
         r"missing \(\d+\).*unexpected \(\d+\)"

@@ -4,8 +4,8 @@ alone).
     python tests/train/distributed_mt_step.py INIT TRAIN_JSON IMAGES OUT.npz \
         [--coordinator HOST:PORT --num-processes N --process-id I]
 
-Built the way `mean_teacher.train` builds its run: the model and its starting variables from
-the checkpoint INIT (`mean_teacher.build_model`), the optimizer (`make_optimizer`), the two
+Built the way `modes.mean_teacher.train` builds its run: the model and its starting variables from
+the checkpoint INIT (`modes.mean_teacher.build_model`), the optimizer (`make_optimizer`), the two
 loader streams "label" (seed) and "unlabel" (seed + 1) with strong views, each process reading
 only its host shard (`process_index` / `process_count`), the host batches made global arrays
 over every device of every process (`mean_teacher._shard`), and the jitted step with the
@@ -75,6 +75,7 @@ def main():
 
     from hassod_jax import parallel
     from hassod_jax.data import loader
+    from hassod_jax.modes import mean_teacher as mt_mode
     from hassod_jax.train import mean_teacher as MT
 
     if a.num_processes > 1:
@@ -83,14 +84,14 @@ def main():
     mesh = parallel.global_mesh()
     data = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
-    model, variables = MT.build_model(c)
-    tx, schedule = MT.make_optimizer(c)
+    model, variables = mt_mode.build_model(c)
+    tx, schedule = mt_mode.make_optimizer(c)
     state = jax.device_put(MT.init_mt_state(variables, tx), replicated)
     init_params = jax.tree_util.tree_map(np.asarray, variables["params"])
     records = loader.open_records(train_json=c.train_json, images=c.images)
     iters = {
         name: loader.make_train_iterator(
-            records, MT._loader_config(c, GLOBAL_BATCH, seed), num_steps=STEPS,
+            records, mt_mode._loader_config(c, GLOBAL_BATCH, seed), num_steps=STEPS,
             process_index=jax.process_index(), process_count=jax.process_count(),
         )
         for name, seed in (("label", c.seed), ("unlabel", c.seed + 1))

@@ -6,7 +6,7 @@
 Each process reads only its host shard of global batch 0 (`loader` with process_index /
 process_count), the batch becomes one global array sharded over every device of every
 process, and the jitted step runs over that global mesh (`supervised.make_train_step`,
-exactly as `supervised.train` builds it). Process 0 writes the step's losses, the parameter
+exactly as `modes.train.train` builds it). Process 0 writes the step's losses, the parameter
 updates and the new batch statistics to OUT.npz. Used by test_distributed.py; set XLA_FLAGS to
 choose the number of CPU devices per process before starting it.
 """
@@ -67,6 +67,7 @@ def main():
 
     from hassod_jax import parallel
     from hassod_jax.data import loader
+    from hassod_jax.modes import train as train_mode
     from hassod_jax.train import supervised
 
     if a.num_processes > 1:
@@ -75,14 +76,14 @@ def main():
     mesh = parallel.global_mesh()
     data_sharding = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
-    model = supervised.build_model(c)
-    tx, schedule = supervised.make_optimizer(c)
+    model = train_mode.build_model(c)
+    tx, schedule = train_mode.make_optimizer(c)
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(c.seed))
     state = jax.device_put(supervised.init_state(model, tx, init_rng), replicated)
     records = loader.open_records(train_json=c.train_json, images=c.images)
     it = loader.make_train_iterator(
         records,
-        supervised.loader_config(c),
+        train_mode.loader_config(c),
         num_steps=1,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

@@ -117,7 +117,8 @@ RECALL_SCORES = (0.5, 0.7, 0.9)
 
 def score(workdir, val_json, val_images, size=SIZE):
     from hassod_jax.data.coco import load_coco_json
-    from hassod_jax.evaluate import coco_eval, predict
+    from hassod_jax.evaluate import coco_eval
+    from hassod_jax.inference import predictor
     from hassod_jax.weights.detectron2 import load_detector
 
     module, variables = load_detector(workdir, detections_per_image=100)
@@ -203,7 +204,8 @@ def _logged(workdir):
 def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_images=256,
         mt_lr=0.01, val_images=64, size=SIZE):
     from hassod_jax.data.synthetic import write_synthetic_dataset
-    from hassod_jax.train import mean_teacher, supervised
+    from hassod_jax.modes import mean_teacher as mt_mode
+    from hassod_jax.modes import train as train_mode
 
     def scenes(name, n, data_seed):  # written once per root (reruns and other seeds reuse it)
         folder = os.path.join(root, name)
@@ -224,7 +226,7 @@ def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_image
            "seconds": {}}
     t0 = time.perf_counter()
     w1 = os.path.join(root, f"stage1_{tag}_s{stage1_steps}")
-    supervised.train(stage1_config(half, images, stage1_steps, seed, size), w1)
+    train_mode.train(stage1_config(half, images, stage1_steps, seed, size), w1)
     out["seconds"]["stage1"] = time.perf_counter() - t0
     out["start"] = score(w1, val_json, val_dir, size)
     for kind, js in (("withheld", withheld), ("labeled", half)):
@@ -235,7 +237,7 @@ def run(root, stage1_steps=1200, mt_steps=300, seed=0, drop_every=5, train_image
     for name, unsup in (("mean_teacher", True), ("continued", False)):
         t0 = time.perf_counter()
         w = os.path.join(root, f"{name}_{tag}_s{stage1_steps}_m{mt_steps}_lr{mt_lr}")
-        mean_teacher.train(mt_config(w1, half, images, mt_steps, seed, unsup, mt_lr, size), w)
+        mt_mode.train(mt_config(w1, half, images, mt_steps, seed, unsup, mt_lr, size), w)
         out["seconds"][name] = time.perf_counter() - t0
         out[name] = score(w, val_json, val_dir, size)
         for kind, js in (("withheld", withheld), ("labeled", half)):

@@ -1,7 +1,7 @@
 """Paths no other test exercises: a bfloat16 training step (the default `dtype` of
 `configs/train_coco.py`, while every other training test forces float32) and the error paths of
-`supervised.train`, `supervised.build_model` and `inference.predictor.predict`, each with one clear
-message raised before any work is done."""
+`modes.train.train`, `modes.train.build_model` and `inference.predictor.predict`, each with one
+clear message raised before any work is done."""
 
 import os
 
@@ -13,6 +13,7 @@ import pytest
 from hassod_jax import defaults, utils
 from hassod_jax.data import loader, synthetic
 from hassod_jax.inference import predictor
+from hassod_jax.modes import train as train_mode
 from hassod_jax.train import supervised
 from tests.xla_env import FAST_JIT
 
@@ -52,12 +53,12 @@ def small(dataset):
     """The small detector's config, float32 state and two loader batches."""
     c = _config(dataset)
     records = loader.open_records(train_json=c.train_json, images=c.images)
-    it = loader.make_train_iterator(records, supervised.loader_config(c), num_steps=2)
+    it = loader.make_train_iterator(records, train_mode.loader_config(c), num_steps=2)
     keys = ("images", "image_sizes", "boxes", "masks", "levels", "valid")
     batches = [{k: np.asarray(b[k]) for k in keys} for b in (next(it), next(it))]
     c.dtype = "float32"
-    model = supervised.build_model(c)
-    tx, sched = supervised.make_optimizer(c)
+    model = train_mode.build_model(c)
+    tx, sched = train_mode.make_optimizer(c)
     state = supervised.init_state(model, tx, jax.random.PRNGKey(0))
     return c, model, tx, sched, jax.device_get(state), batches
 
@@ -90,7 +91,7 @@ def test_bfloat16_train_step_is_finite_keeps_float32_params_and_tracks_float32(s
     c, model32, tx, sched, state, batches = small
     c = c.copy_and_resolve_references()
     c.dtype = "bfloat16"
-    model16 = supervised.build_model(c)
+    model16 = train_mode.build_model(c)
     assert model16.dtype == jnp.bfloat16 and model16.config == model32.config
     # The computation really is bf16: the features (and so every head input) are bf16.
     feats = jax.eval_shape(
@@ -140,7 +141,7 @@ def test_batch_size_not_a_multiple_of_the_devices(dataset, tmp_path):
     c.batch_size = n + 1
     work = tmp_path / "work"
     with pytest.raises(utils.ConfigError) as e:
-        supervised.train(c, str(work))
+        train_mode.train(c, str(work))
     assert str(e.value) == (
         f"config.batch_size={n + 1} must be a multiple of the {n} devices"
     )
@@ -154,7 +155,7 @@ def test_val_json_without_val_images_and_the_reverse(dataset, tmp_path):
         c.batch_size = jax.device_count()
         c.val_json, c.val_images = val_json, val_images
         with pytest.raises(utils.ConfigError) as e:
-            supervised.train(c, str(tmp_path / "work"))
+            train_mode.train(c, str(tmp_path / "work"))
         msg = str(e.value)
         assert msg.startswith(
             "periodic evaluation needs both config.val_json and config.val_images"
@@ -167,12 +168,12 @@ def test_unknown_model_size(dataset, tmp_path):
     c = _config(dataset)
     c.model.size = "r101"
     with pytest.raises(utils.ConfigError) as e:
-        supervised.build_model(c)
+        train_mode.build_model(c)
     assert str(e.value) == "config.model.size must be 'r50' or 'small', got 'r101'"
     # Through training (the user's path): the same error, before anything is written.
     c.batch_size = jax.device_count()
     with pytest.raises(utils.ConfigError, match="config.model.size must be 'r50' or 'small'"):
-        supervised.train(c, str(tmp_path / "work"))
+        train_mode.train(c, str(tmp_path / "work"))
     assert not (tmp_path / "work").exists()
 
 
@@ -188,10 +189,10 @@ def test_every_detector_field_is_a_config_field_unset_means_the_models_own():
     assert set(defaults.mean_teacher().model) == names
     c = defaults.training()
     c.model.size = "small"
-    assert supervised.build_model(c).config == D.SMALL_CONFIG  # droploss, level weight: its own
+    assert train_mode.build_model(c).config == D.SMALL_CONFIG  # droploss, level weight: its own
     c.model.rpn_post_nms_topk_train = 7
     c.model.cascade_ious = (0.5, 0.55, 0.7)
-    got = supervised.build_model(c).config
+    got = train_mode.build_model(c).config
     assert got == dataclasses.replace(
         D.SMALL_CONFIG, rpn_post_nms_topk_train=7, cascade_ious=(0.5, 0.55, 0.7)
     )

@@ -4,7 +4,7 @@ compute the same two MT steps (both branches' losses, the teacher's targets, the
 update, the student's and the teacher's batch statistics, the EMA teacher) as one process with
 4 devices over the same global batches.
 
-The three processes run at once (`distributed_mt_step.py`, built the way `mean_teacher.train`
+The three processes run at once (`distributed_mt_step.py`, built the way `modes.mean_teacher.train`
 builds its run); the coordinator listens on 127.0.0.1 at a free port.
 """
 

@@ -14,6 +14,7 @@ import pytest
 from hassod_jax import ops
 from hassod_jax.discovery.hierarchy import hierarchy_levels
 from hassod_jax.models import detector as D
+from hassod_jax.modes import mean_teacher as mt_mode
 from hassod_jax.train import mean_teacher as MT
 from hassod_jax.train import optim, schedules
 from tests.xla_env import FAST_JIT
@@ -86,7 +87,7 @@ def test_constant_loss_weights_for_the_mean_teacher_ablation(tmp_path):
         c[name] = str(tmp_path)
     c.loss_weights = "fixed"
     with pytest.raises(utils.ConfigError) as e:
-        MT.train(c, str(tmp_path / "work"))
+        mt_mode.train(c, str(tmp_path / "work"))
     assert str(e.value) == "config.loss_weights must be 'adaptive' or 'constant', got 'fixed'"
     assert not (tmp_path / "work").exists()
 

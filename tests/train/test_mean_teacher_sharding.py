@@ -1,5 +1,5 @@
 """One Mean Teacher step on a Mesh of 8 forced CPU devices (both batches sharded on "data", the
-state replicated, with the in/out shardings and state donation `mean_teacher.train` uses)
+state replicated, with the in/out shardings and state donation `modes.mean_teacher.train` uses)
 gives the same new state and metrics as on 1 device.
 
 8 label + 8 unlabel images of 64 x 64: each device holds one of each. The step starts past

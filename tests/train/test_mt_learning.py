@@ -4,7 +4,7 @@ is for in HASSOD, supervision for the objects the pseudo-labels miss.
 One run of `tests/train/mt_learning_check.py` at its defaults (seed 0), in a subprocess on one
 CPU device, shared by both tests:
 1. stage 1: the small detector trained from scratch for 1200 steps by mode=train's loop
-   (`supervised.train`: loader, augmentation, losses with DropLoss, sharded step, PreciseBN) on
+   (`modes.train.train`: loader, augmentation, losses with DropLoss, sharded step, PreciseBN) on
    256 generated scenes whose labels lack every fifth instance (the "withheld" instances; the
    loop's periodic evaluation is test_demo.py's);
 2. from that checkpoint, 300 steps of Mean Teacher (the recipe: EMA teacher, weak/strong

@@ -35,6 +35,8 @@ from PIL import Image
 from hassod_jax import ops
 from hassod_jax.data import loader
 from hassod_jax.models import detector as D
+from hassod_jax.modes import mean_teacher as mt_mode
+from hassod_jax.modes import train as train_mode
 from hassod_jax.train import mean_teacher as MT
 from hassod_jax.train import optim, schedules, supervised
 from tests.train.test_schedules import load_config
@@ -91,14 +93,14 @@ def test_mean_teacher_config_is_the_originals():
     assert got == ORIGINAL_MT_DATA
     # The model: the init checkpoint's architecture with config.model's overrides, on top of
     # DetectorConfig's defaults (the detectron2 test settings load_detector keeps).
-    overrides = supervised.model_overrides(config.model)
+    overrides = train_mode.model_overrides(config.model)
     model = dataclasses.replace(D.DetectorConfig(), **{
         k: v for k, v in overrides.items() if k in {f.name for f in
                                                     dataclasses.fields(D.DetectorConfig)}})
     assert {k: getattr(model, k) for k in ORIGINAL_MT_MODEL} == ORIGINAL_MT_MODEL
     assert "precise_bn" not in config  # PreciseBN is off in the original's MT run
     # The schedule the run builds: 1e-5 at step 0, the peak 0.005 at the end of the warmup.
-    _, sched = MT.make_optimizer(config)
+    _, sched = mt_mode.make_optimizer(config)
     assert float(sched(0)) == pytest.approx(1e-5, rel=1e-6)
     assert float(sched(1000)) == pytest.approx(0.005, rel=1e-6)
     assert float(jnp.max(sched(jnp.arange(2000)))) == pytest.approx(0.005, rel=1e-6)
@@ -181,12 +183,12 @@ def test_the_model_is_its_own_configs_not_the_stage_2_runs(tmp_path):
     ck.close()
     config = defaults.toy_mean_teacher()
     config.init_checkpoint = str(tmp_path / "W")
-    got, variables = MT.build_model(config)
+    got, variables = mt_mode.build_model(config)
     want = dataclasses.replace(
         D.DetectorConfig(resnet=D.SMALL_CONFIG.resnet), **{
             k: getattr(D.SMALL_CONFIG, k) for k in ("fpn_channels", "box_fc_dim", "mask_head_dim",
                                                    "mask_num_conv", "num_levels")},
-        **supervised.model_overrides(config.model),
+        **train_mode.model_overrides(config.model),
     )
     assert got.config == want
     assert got.config.test_score_thresh == 0.0 and got.config.cascade_ious == (0.5, 0.6, 0.7)
@@ -407,17 +409,17 @@ def _fingerprint(batch):
 def test_streams_are_independent_and_each_resumes_exactly(scenes):
     c = _mt_config(*scenes)
     records = loader.open_records(train_json=c.train_json, images=c.images)
-    fresh = MT.make_streams(c, records)
+    fresh = mt_mode.make_streams(c, records)
     assert set(fresh) == {"label", "unlabel"}
     seq = {k: [_fingerprint(next(it)) for _ in range(6)] for k, it in fresh.items()}
     assert seq["label"][0]["images"] != seq["unlabel"][0]["images"]
     assert sum(a != b for a, b in zip(seq["label"], seq["unlabel"])) >= 5
-    resumed = MT.make_streams(c, records, start=3)
+    resumed = mt_mode.make_streams(c, records, start=3)
     for k, it in resumed.items():
         for i in range(3, 6):
             assert _fingerprint(next(it)) == seq[k][i], (k, i)
     c.unsup = False
-    assert set(MT.make_streams(c, records)) == {"label"}
+    assert set(mt_mode.make_streams(c, records)) == {"label"}
 
 
 def test_strong_views_are_drawn_afresh_every_step(scenes):
@@ -429,7 +431,7 @@ def test_strong_views_are_drawn_afresh_every_step(scenes):
     c.data.short_edges = (64,)
     c.data.flip_prob = 0.0
     records = loader.open_records(train_json=gt, images=images)
-    it = MT.make_streams(c, records)["label"]
+    it = mt_mode.make_streams(c, records)["label"]
     by_image = {}
     for _ in range(8):
         b = next(it)

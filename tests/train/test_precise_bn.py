@@ -23,7 +23,8 @@ from jax.sharding import Mesh
 from hassod_jax import defaults
 from hassod_jax.data import loader
 from hassod_jax.models import resnet
-from hassod_jax.train import precise_bn, supervised
+from hassod_jax.modes import train as train_mode
+from hassod_jax.train import precise_bn
 
 SHAPES = ((32, 32), (32, 64), (32, 32))  # two shapes: two compilations
 BATCH = 8
@@ -39,7 +40,7 @@ def _config():
 @pytest.fixture(scope="module")
 def setup():
     config = _config()
-    model = supervised.build_model(config)
+    model = train_mode.build_model(config)
     # Backbone + FPN variables only: what `features` reads.
     v = jax.jit(
         lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False, method="features")

@@ -23,7 +23,8 @@ from flax import traverse_util
 
 from hassod_jax import defaults
 from hassod_jax.models import resnet
-from hassod_jax.train import losses, optim, supervised
+from hassod_jax.modes import train as train_mode
+from hassod_jax.train import losses, optim
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -33,7 +34,7 @@ def _model(size):
     c = defaults.training()
     c.model.size = size
     c.dtype = "float32"
-    return c, supervised.build_model(c)
+    return c, train_mode.build_model(c)
 
 
 def _params_and_bn_layers(model):

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+from hassod_jax.modes import mean_teacher as mt_mode
+from hassod_jax.modes import train as train_mode
 from hassod_jax.train import schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,9 +98,7 @@ def original_train_lr(t):
 
 def schedule_table(config, steps=TABLE_STEPS):
     """Rows (step, ours, original) for `config`'s schedule against the original's."""
-    from hassod_jax.train import supervised
-
-    _, sched = supervised.make_optimizer(config)
+    _, sched = train_mode.make_optimizer(config)
     return [(t, float(sched(t)), original_train_lr(t)) for t in steps]
 
 
@@ -139,7 +139,7 @@ def test_stage22_default_schedule_is_the_originals(capsys):
     assert by_step[0] == pytest.approx(1e-5)
     assert by_step[1000] == by_step[30000] == by_step[39999] == pytest.approx(0.01)
     # Every step of the run, not only the table's.
-    _, sched = __import__("hassod_jax.train.supervised", fromlist=["x"]).make_optimizer(config)
+    _, sched = train_mode.make_optimizer(config)
     t = np.arange(0, config.max_iter)
     ours = np.asarray(sched(t))
     ref = np.array([original_train_lr(int(s)) for s in t])
@@ -208,10 +208,8 @@ def original_mt_weights(t, max_iter=2000, sup=1.0, unsup=2.0):
 def test_mean_teacher_lr_and_loss_weights_at_every_step_as_the_original():
     """configs/mean_teacher_coco.py's LR (the run's own optimizer) and both loss weights at
     every step 0 .. 1999, within 1e-6 of the original's float64 values (float32 rounding)."""
-    from hassod_jax.train import mean_teacher
-
     config = load_config(os.path.join(ROOT, "configs", "mean_teacher_coco.py"))
-    _, sched = mean_teacher.make_optimizer(config)
+    _, sched = mt_mode.make_optimizer(config)
     t = np.arange(config.max_iter)
     lr = np.asarray(jax.jit(jax.vmap(sched))(t))
     ref = np.array([d2_lr(int(s), 0.01, 2000, name="WarmupCosineLR") for s in t])

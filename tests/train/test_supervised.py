@@ -124,14 +124,15 @@ def _check_precise_bn_schedule(dataset, workdir):
     from jax.sharding import Mesh
 
     from hassod_jax.data import loader
-    from hassod_jax.train import precise_bn, supervised
+    from hassod_jax.modes import train as train_mode
+    from hassod_jax.train import precise_bn
 
     c = toy_configs.load(toy_configs.TRAIN_CONFIG, toy_configs.TRAIN)
     c.train_json, c.images = dataset[1], dataset[0]
     c.precise_bn_iters = 2
     records = loader.open_records(train_json=c.train_json, images=c.images)
     pbn = precise_bn.PreciseBN(
-        supervised.build_model(c, dtype="float32"),
+        train_mode.build_model(c, dtype="float32"),
         Mesh(np.array(jax.devices()[:1]), ("data",)),  # one device, as the run
         num_iters=2,
     )
@@ -139,7 +140,7 @@ def _check_precise_bn_schedule(dataset, workdir):
     def recomputed(step):
         st = _state(workdir, step)
         batches = precise_bn.make_batches(
-            records, supervised.loader_config(c), step, 2, process_index=0, process_count=1
+            records, train_mode.loader_config(c), step, 2, process_index=0, process_count=1
         )
         return jax.tree_util.tree_leaves(pbn(st["params"], st["batch_stats"], batches))
 
@@ -158,6 +159,7 @@ def _check_precise_bn_schedule(dataset, workdir):
 _NAN_SCRIPT = r"""
 import sys
 import jax.numpy as jnp
+from hassod_jax.modes import train as train_mode
 from hassod_jax.train import supervised
 from tests.train import toy_configs
 
@@ -178,7 +180,7 @@ def poisoned(model, tx, schedule):
 
 
 supervised.make_train_step = poisoned
-supervised.train(c, sys.argv[3])
+train_mode.train(c, sys.argv[3])
 """
 
 

@@ -124,10 +124,10 @@ def test_our_training_checkpoint_loads(tmp_path):
     """A checkpoint without the stored model config (as written before it existed) loads, its
     widths from the tensors' shapes."""
     from hassod_jax.train import checkpoint as ckpt_lib
-    from hassod_jax.train import supervised
+    from hassod_jax.train import optim, supervised
 
     model = D.CascadeMaskRCNN(D.SMALL_CONFIG)
-    tx = supervised.optim.sgd(0.01)
+    tx = optim.sgd(0.01)
     state = supervised.init_state(model, tx, jax.random.PRNGKey(1))
     ck = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints")
     ck.save(3, state, {"it": 1})
@@ -154,14 +154,14 @@ def test_our_checkpoint_keeps_the_runs_model_config(tmp_path):
     import dataclasses
 
     from hassod_jax.train import checkpoint as ckpt_lib
-    from hassod_jax.train import supervised
+    from hassod_jax.train import optim, supervised
 
     cfg = dataclasses.replace(
         D.SMALL_CONFIG, test_score_thresh=0.25, test_nms_thresh=0.6, rpn_post_nms_topk_test=77,
         detections_per_image=41, cascade_ious=(0.4, 0.5, 0.65), mask_max_fg=5,
     )
     model = D.CascadeMaskRCNN(cfg)
-    tx = supervised.optim.sgd(0.01)
+    tx = optim.sgd(0.01)
     state = supervised.init_state(model, tx, jax.random.PRNGKey(1))
     ck = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints", model_config=cfg)
     ck.save(3, state, {"it": 1})
@@ -193,11 +193,11 @@ def test_a_checkpoint_saved_on_8_devices_loads_on_1(tmp_path):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from hassod_jax.train import checkpoint as ckpt_lib
-    from hassod_jax.train import supervised
+    from hassod_jax.train import optim, supervised
 
     assert jax.device_count() == 8, "conftest forces 8 host devices"
     model = D.CascadeMaskRCNN(D.SMALL_CONFIG)
-    state = supervised.init_state(model, supervised.optim.sgd(0.01), jax.random.PRNGKey(2))
+    state = supervised.init_state(model, optim.sgd(0.01), jax.random.PRNGKey(2))
     mesh = Mesh(np.array(jax.devices()), ("data",))
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     ck = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints")
