@@ -188,7 +188,7 @@ def train_detector(config, workdir, train_json, image_dir, gt_json, image_list):
     model = train_mode.build_model(c)
     if "val/bbox/AP" not in final:  # resumed at the last step: nothing was trained or scored
         logging.info("The detector's run had finished: evaluating its restored checkpoint")
-        final = {**final, **loop.evaluate_state(c, model, state)}
+        final = {**final, **loop.evaluate_state(train_mode.validation(c), model, state)}
     metrics = {
         t: {
             "AP": final[f"val/{t}/AP"],
@@ -250,14 +250,16 @@ def mean_teacher_phase(config, workdir, detector_config):
     """A short Mean Teacher run from the demo's detector (stage 2.3 in miniature); the student's
     and the teacher's AP/AR on the generated scenes' ground truth."""
     from hassod_jax.modes import mean_teacher as mt_mode
+    from hassod_jax.modes import train as train_mode
     from hassod_jax.train import loop, mean_teacher
 
     c = _mean_teacher_config(config, detector_config, workdir)
     state, final = mt_mode.train(c, os.path.join(workdir, "mean_teacher"))
     if "val/segm/AR@100" not in final:  # resumed at the last step: score the restored models
         model, _ = mt_mode.build_model(c)
-        final = {**final, **loop.evaluate_state(c, model, state)}
-        teacher = loop.evaluate_state(c, model, mean_teacher.TeacherView(state))
+        val = train_mode.validation(c)
+        final = {**final, **loop.evaluate_state(val, model, state)}
+        teacher = loop.evaluate_state(val, model, mean_teacher.TeacherView(state))
         final.update({k.replace("val/", "val_teacher/", 1): v for k, v in teacher.items()})
     return {
         who: {

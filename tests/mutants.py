@@ -559,6 +559,14 @@ MUTANTS = [
               "which=config.init_which, saved_config=True,"),),
         ("tests/train/test_mt_recipe.py::test_the_model_is_its_own_configs_not_the_stage_2_runs",),
     ),
+    Mutant(
+        "validation_sizes_swapped",
+        "periodic evaluation resizes with val_max_size as the short edge",
+        (Edit("hassod_jax/modes/train.py", "short_edge=config.val_short_edge,",
+              "short_edge=config.val_max_size,"),),
+        ("tests/train/test_loop.py::"
+         "test_the_validation_set_and_its_settings_come_from_the_val_fields",),
+    ),
 ]
 
 _IGNORE = shutil.ignore_patterns(

@@ -101,3 +101,51 @@ def test_main_is_thin():
     # cli/ and modes/.
     with open(os.path.join(ROOT, PACKAGE, "main.py"), encoding="utf-8") as f:
         assert len(f.read().splitlines()) <= 100
+
+
+# The modules that may read a run's ConfigDict: the modes, the command line, the config trees
+# and `utils.require`; and, until they take typed arguments, the discovery library and the demo.
+CONFIG_READERS = ("modes", "cli", "defaults", "utils", "demo", "discovery.pipeline",
+                  "discovery.sweep")
+
+
+def config_reads(path):
+    """[(function, line)] where a function reads a parameter named `config` as a ConfigDict:
+    `config.get(...)`, `config[...]`, or a section (`config.data.x`, `config.model.x`);
+    dataclass configs (DetectorConfig, LoaderConfig) have neither `get` nor sections."""
+    out = []
+    for f in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if "config" not in [a.arg for a in f.args.args + f.args.kwonlyargs]:
+            continue
+        for n in ast.walk(f):
+            is_config = lambda x: isinstance(x, ast.Name) and x.id == "config"  # noqa: E731
+            if isinstance(n, ast.Subscript) and is_config(n.value):
+                out.append((f.name, n.lineno))
+            elif isinstance(n, ast.Attribute) and is_config(n.value) and n.attr == "get":
+                out.append((f.name, n.lineno))
+            elif (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+                  and is_config(n.value.value)):
+                out.append((f.name, n.lineno))
+    return out
+
+
+def test_config_reader_check_sees_a_configdict_read(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f(config):\n    return config.data.buckets\n\n"
+                    "def g(config):\n    return config.get('x', 1)\n\n"
+                    "def h(config):\n    return config.max_size  # a dataclass field\n")
+    assert config_reads(str(path)) == [("f", 2), ("g", 5)]
+
+
+def test_only_the_modes_read_a_runs_config():
+    """The library takes typed arguments; a ConfigDict is read only where a run starts."""
+    readers = {}
+    for name, path in _modules().items():
+        short = name[len(PACKAGE) + 1:]
+        if short.split(".")[0] in CONFIG_READERS or short in CONFIG_READERS:
+            continue
+        if config_reads(path):
+            readers[short] = config_reads(path)
+    assert readers == {}

@@ -98,7 +98,8 @@ def train(config, workdir):
     and the exported `W/model_final`)."""
     parallel.maybe_initialize_distributed()
     utils.require(config, "init_checkpoint", "train_json", "images", mode=config.mode)
-    eval_on = loop.eval_enabled(config)
+    val = train_mode.validation(config)
+    eval_on = val is not None
     for name in ("init_checkpoint", "train_json", "images"):
         if not os.path.exists(config.get(name)):
             raise FileNotFoundError(f"config.{name} does not exist: {config.get(name)}")
@@ -150,10 +151,10 @@ def train(config, workdir):
         )
 
     def evaluate(state):
-        val = loop.evaluate_state(config, model, state, predict_fn)
-        tval = loop.evaluate_state(config, model, TeacherView(state), predict_fn)
-        val.update({k.replace("val/", "val_teacher/", 1): v for k, v in tval.items()})
-        return val
+        out = loop.evaluate_state(val, model, state, predict_fn)
+        tval = loop.evaluate_state(val, model, TeacherView(state), predict_fn)
+        out.update({k.replace("val/", "val_teacher/", 1): v for k, v in tval.items()})
+        return out
 
     state, metrics = loop.run(
         state,

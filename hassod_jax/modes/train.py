@@ -96,6 +96,35 @@ def loader_config(config, **overrides):
     return loader.LoaderConfig(**{**fields, **overrides})
 
 
+def validation(config):
+    """The run's `loop.Validation` when periodic evaluation is on (config.val_json and
+    config.val_images both set, eval_every >= 1), else None; a ConfigError or
+    FileNotFoundError for a half or missing setting."""
+    val_json, val_images = config.get("val_json", ""), config.get("val_images", "")
+    if bool(val_json) != bool(val_images):
+        raise utils.ConfigError(
+            "periodic evaluation needs both config.val_json and config.val_images "
+            f"(got val_json={val_json!r}, val_images={val_images!r})"
+        )
+    for name in ("val_json", "val_images"):
+        path = config.get(name, "")
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"config.{name} does not exist: {path}")
+    if not val_json:
+        return None
+    if config.get("eval_every", 0) < 1:
+        raise utils.ConfigError(f"config.eval_every must be >= 1, got {config.eval_every}")
+    return loop.Validation(
+        json=val_json,
+        images=val_images,
+        max_images=config.val_max_images,
+        short_edge=config.val_short_edge,
+        max_size=config.val_max_size,
+        batch_size=config.val_batch_size,
+        buckets=tuple(tuple(b) for b in config.data.buckets) or loader.DEFAULT_BUCKETS,
+    )
+
+
 def check_precise_bn_config(config):
     """Validates the PreciseBN settings of a training config (no-op when it is off)."""
     if not config.get("precise_bn", False):
@@ -120,7 +149,8 @@ def train(config, workdir):
     """Runs (or resumes) training; returns the final state and the last logged metrics."""
     parallel.maybe_initialize_distributed()
     utils.require(config, "train_json", "images", mode=config.mode)
-    eval_on = loop.eval_enabled(config)
+    val = validation(config)
+    eval_on = val is not None
     check_precise_bn_config(config)
     for name in ("train_json", "images", "resnet_checkpoint"):
         path = config.get(name)
@@ -202,7 +232,7 @@ def train(config, workdir):
         data_state=it.get_state,
         after_step=after_step,
         eval_every=config.get("eval_every", 0),
-        evaluate=(lambda state: loop.evaluate_state(config, model, state, predict_fn))
+        evaluate=(lambda state: loop.evaluate_state(val, model, state, predict_fn))
         if eval_on
         else None,
         close=(it,),

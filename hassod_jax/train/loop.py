@@ -2,6 +2,7 @@
 guard, the between-steps job, checkpoints, periodic evaluation) and what it is made of: resuming
 (`restore`), the metric writer, the evaluation of a state on the validation set."""
 
+import dataclasses
 import os
 import time
 
@@ -17,26 +18,23 @@ from hassod_jax.inference import predictor
 from hassod_jax.train import checkpoint as ckpt_lib
 
 
-def eval_enabled(config):
-    """True when periodic evaluation is on (config.val_json and config.val_images both set,
-    eval_every >= 1); a ConfigError or FileNotFoundError for a half or missing setting."""
-    val_json, val_images = config.get("val_json", ""), config.get("val_images", "")
-    if bool(val_json) != bool(val_images):
-        raise utils.ConfigError(
-            "periodic evaluation needs both config.val_json and config.val_images "
-            f"(got val_json={val_json!r}, val_images={val_images!r})"
-        )
-    for name in ("val_json", "val_images"):
-        path = config.get(name, "")
-        if path and not os.path.exists(path):
-            raise FileNotFoundError(f"config.{name} does not exist: {path}")
-    if val_json and config.get("eval_every", 0) < 1:
-        raise utils.ConfigError(f"config.eval_every must be >= 1, got {config.eval_every}")
-    return bool(val_json)
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """The validation set periodic evaluation reads and its test-time settings: a COCO JSON,
+    its image folder, how many of its images (-1: all), detectron2's ResizeShortestEdge
+    (short_edge, max_size), images per device call and the padded shapes (buckets)."""
+
+    json: str
+    images: str
+    max_images: int = -1
+    short_edge: int = 800
+    max_size: int = 1333
+    batch_size: int = 1
+    buckets: tuple = loader.DEFAULT_BUCKETS
 
 
-def evaluate_state(config, model, state, predict_fn=None):
-    """Class-agnostic COCO metrics of `state` on config.val_json / config.val_images.
+def evaluate_state(validation, model, state, predict_fn=None):
+    """Class-agnostic COCO metrics of `state` on the `Validation` set.
 
     Returns a flat {name: float} dict: val/{bbox,segm}/{AP, AP50, AR@100} by the original
     HASSOD's protocol (`evaluate_coco`'s default: maxDets 10/100/1000, AP and AP50 at 1000
@@ -47,17 +45,16 @@ def evaluate_state(config, model, state, predict_fn=None):
     # A host copy: the replicated global arrays may span other processes' devices, while
     # inference runs on this process's default device only.
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    val = load_coco_json(config.val_json)  # read once: image list and ground truth
-    images = predictor.images_from_coco(val, config.val_images, config.get("val_max_images", -1))
-    buckets = tuple(tuple(b) for b in config.data.buckets) or loader.DEFAULT_BUCKETS
+    val = load_coco_json(validation.json)  # read once: image list and ground truth
+    images = predictor.images_from_coco(val, validation.images, validation.max_images)
     preds = predictor.predict(
         model,
         variables,
         images,
-        short_edge=config.get("val_short_edge", 800),
-        max_size=config.get("val_max_size", 1333),
-        buckets=buckets,
-        batch_size=config.get("val_batch_size", 1),
+        short_edge=validation.short_edge,
+        max_size=validation.max_size,
+        buckets=validation.buckets,
+        batch_size=validation.batch_size,
         predict_fn=predict_fn,
     )
     ids = {image_id for _, image_id in images}

@@ -92,3 +92,22 @@ def test_a_non_finite_loss_stops_naming_the_last_good_checkpoint(tmp_path):
     # Nothing was written after the bad step.
     _, _, events, _, start = _run(tmp_path, max_iter=4)
     assert start == 4 and events == []
+
+
+def test_the_validation_set_and_its_settings_come_from_the_val_fields(tmp_path):
+    """mode=train's and mode=mean_teacher's val_* fields become the loop's `Validation`, each
+    field where evaluation reads it; evaluation off (no val_json) is None."""
+    from hassod_jax import defaults
+    from hassod_jax.modes import train as train_mode
+
+    (tmp_path / "val.json").write_text("{}")
+    for make in (defaults.training, defaults.mean_teacher):
+        c = make()
+        assert train_mode.validation(c) is None
+        c.val_json, c.val_images = str(tmp_path / "val.json"), str(tmp_path)
+        c.val_max_images, c.val_short_edge, c.val_max_size, c.val_batch_size = 3, 96, 160, 2
+        c.data.buckets = ((96, 128), (128, 96))
+        assert train_mode.validation(c) == loop.Validation(
+            json=str(tmp_path / "val.json"), images=str(tmp_path), max_images=3, short_edge=96,
+            max_size=160, batch_size=2, buckets=((96, 128), (128, 96)),
+        )
