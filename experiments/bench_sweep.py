@@ -32,7 +32,8 @@ from bench_discovery_memory import common_args, run_child  # noqa: E402
 
 def write_demo_images(folder, n):
     """The first n of the demo's images, scenes and photos alternating; returns the list file."""
-    from hassod_jax import demo, utils
+    from hassod_jax import utils
+    from hassod_jax.modes import demo
 
     image_dir, image_list, _ = demo.prepare_data(
         folder, 6, 0, (240, 320), demo.SKIMAGE_PHOTOS

@@ -3,7 +3,7 @@
 import json
 import os
 
-from hassod_jax import demo
+from hassod_jax.modes import demo
 from tests.xla_env import cpu_env
 
 

@@ -104,9 +104,8 @@ def test_main_is_thin():
 
 
 # The modules that may read a run's ConfigDict: the modes, the command line, the config trees
-# and `utils.require`; and, until they take typed arguments, the discovery library and the demo.
-CONFIG_READERS = ("modes", "cli", "defaults", "utils", "demo", "discovery.pipeline",
-                  "discovery.sweep")
+# and `utils.require`; and, until they take typed arguments, the discovery library.
+CONFIG_READERS = ("modes", "cli", "defaults", "utils", "discovery.pipeline", "discovery.sweep")
 
 
 def config_reads(path):

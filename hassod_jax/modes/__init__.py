@@ -30,7 +30,7 @@ MODES = {
         "joins the shards of independent discovery jobs",
     ),
     "demo": Mode(
-        "hassod_jax.demo:run",
+        "hassod_jax.modes.demo:run",
         "configs/demo.py",
         (
             "the embedded default: stage 1 on generated scenes and photos, a short detector run, "
