@@ -567,6 +567,15 @@ MUTANTS = [
         ("tests/train/test_loop.py::"
          "test_the_validation_set_and_its_settings_come_from_the_val_fields",),
     ),
+    Mutant(
+        "sweep_report_drops_ensembles",
+        "the sweep's report leaves out the config's ensemble_thresholds",
+        (Edit("hassod_jax/modes/discovery.py",
+              'ensemble_thresholds=config.get("ensemble_thresholds", ()),',
+              "ensemble_thresholds=(),"),),
+        ("tests/discovery/test_pipeline.py::"
+         "test_sweep_reports_statistics_and_ar_per_threshold",),
+    ),
 ]
 
 _IGNORE = shutil.ignore_patterns(

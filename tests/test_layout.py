@@ -104,8 +104,8 @@ def test_main_is_thin():
 
 
 # The modules that may read a run's ConfigDict: the modes, the command line, the config trees
-# and `utils.require`; and, until they take typed arguments, the discovery library.
-CONFIG_READERS = ("modes", "cli", "defaults", "utils", "discovery.pipeline", "discovery.sweep")
+# and `utils.require`; and, until it takes typed arguments, discovery's folder-to-JSON job.
+CONFIG_READERS = ("modes", "cli", "defaults", "utils", "discovery.pipeline")
 
 
 def config_reads(path):

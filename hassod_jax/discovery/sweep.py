@@ -94,24 +94,25 @@ def evaluate_thresholds(rows, thresholds, gt_json, ensemble_thresholds=()):
     return out
 
 
-def write_report(config, workdir, rows, thresholds):
+def write_report(
+    workdir, rows, thresholds, *, refine=True, gt_json="", ensemble_thresholds=()
+):
     """Writes `W/sweep/sweep.json` for assembled rows and logs its table; returns the report.
 
-    AR/AP are computed when `config` has a `gt_json` (the sweep config does; the discovery
-    config used by configs/merge_pseudo_labels.py has none).
+    refine: whether the rows' masks went through the CRF (recorded in the report). AR/AP are
+    computed against `gt_json` when given (the sweep config has one; the discovery config used
+    by configs/merge_pseudo_labels.py has none), for each threshold and each of the
+    `ensemble_thresholds`.
     """
     thresholds = [float(t) for t in thresholds]
     report = {
         "thresholds": thresholds,
         "images": len(rows),
-        "refine": bool(config.get("refine", True)),
+        "refine": bool(refine),
     }
     report["statistics"] = threshold_statistics(rows, thresholds)
-    gt_json = config.get("gt_json", "")
     if gt_json:
-        report["segm"] = evaluate_thresholds(
-            rows, thresholds, gt_json, config.get("ensemble_thresholds", ())
-        )
+        report["segm"] = evaluate_thresholds(rows, thresholds, gt_json, ensemble_thresholds)
     out = os.path.join(workdir, OUTPUT_DIR, "sweep.json")
     utils.atomic_write_json(out, report, indent=1)
 

@@ -27,6 +27,15 @@ def run_discover(config, workdir):
     return result
 
 
+def _sweep_report(config, workdir, rows, thresholds):
+    """`sweep.write_report` with the config's refine, gt_json and ensemble_thresholds."""
+    return sweep.write_report(
+        workdir, rows, thresholds, refine=config.get("refine", True),
+        gt_json=config.get("gt_json", ""),
+        ensemble_thresholds=config.get("ensemble_thresholds", ()),
+    )
+
+
 def run_sweep(config, workdir):
     """mode=sweep: per-threshold statistics (and AR/AP with ground truth) from one merge
     sequence per image; the report (W/sweep/sweep.json, sweep.png), or None on a shard of a
@@ -34,7 +43,7 @@ def run_sweep(config, workdir):
     result = pipeline.discover(config, workdir, out_name=sweep.OUTPUT_DIR)
     if result is None:  # a shard of a multi-job sweep: mode=merge_pseudo_labels reports
         return None
-    return sweep.write_report(config, workdir, result["rows"], config.thresholds)
+    return _sweep_report(config, workdir, result["rows"], config.thresholds)
 
 
 def run_merge(config, workdir):
@@ -53,7 +62,7 @@ def run_merge(config, workdir):
         thresholds = pipeline.merge_thresholds(out_dir, config)
         merged[name] = pipeline.assemble(out_dir, thresholds)
         if name == sweep.OUTPUT_DIR:
-            sweep.write_report(config, workdir, merged[name]["rows"], thresholds)
+            _sweep_report(config, workdir, merged[name]["rows"], thresholds)
     if not merged:
         raise FileNotFoundError(
             f"No discovery shards under {os.path.join(workdir, pipeline.OUTPUT_DIR, 'work')} or "

@@ -169,14 +169,11 @@ def test_sweep_plot(tmp_path):
 
 
 def test_sweep_report_writes_the_plot_beside_the_table(tmp_path):
-    import ml_collections
-
     from hassod_jax.discovery import sweep
 
     res = {"regions": [5, 2], "per_threshold": [[{}] * 3, [{}]], "ensemble": [{}] * 4}
     rows = [({"id": 1}, res), ({"id": 2}, res)]
-    config = ml_collections.ConfigDict({"gt_json": ""})
-    report = sweep.write_report(config, str(tmp_path), rows, [0.3, 0.1])
+    report = sweep.write_report(str(tmp_path), rows, [0.3, 0.1])
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == report
     with Image.open(tmp_path / "sweep" / "sweep.png") as im:
         assert im.format == "PNG"
