@@ -293,7 +293,20 @@ class CascadeMaskRCNN(nn.Module):
         return self.mask_head(jnp.zeros((b, 1, s, s, c), feats["p2"].dtype))
 
     def _losses(self, feats, logits, deltas, anchors, props, pvalid, targets, image_sizes, rng, hw):
-        cfg = self.config
+        """The training losses: the RPN's, each cascade stage's (class, box, level) and the mask
+        head's, {name: scalar}; the stages' and the mask head's intermediates are sown."""
+        gt = self._check_targets(targets)
+        k_rpn, k_roi = jax.random.split(rng)
+        out = {}
+        labels = self._rpn_losses(out, logits, deltas, anchors, gt, k_rpn)
+        first = self._cascade_losses(out, feats, props, pvalid, gt, image_sizes, k_roi)
+        self._mask_losses(out, feats, first, gt, hw)
+        self.sow("intermediates", "rpn", dict(labels=labels))
+        return out
+
+    def _check_targets(self, targets):
+        """(boxes (B, G, 4) float32, zero where invalid; valid (B, G); levels (B, G) int32;
+        masks (B, G, Hm, Wm)) of the targets dict, or a ValueError naming what is wrong."""
         for key in ("boxes", "masks", "levels", "valid"):
             if key not in targets:
                 raise ValueError(f"CascadeMaskRCNN: targets lack {key!r} (have {list(targets)})")
@@ -309,10 +322,13 @@ class CascadeMaskRCNN(nn.Module):
                 f"{gt_levels.shape}, {gt_valid.shape}"
             )
         gt_boxes = jnp.where(gt_valid[..., None], gt_boxes, 0.0)
-        k_rpn, k_roi = jax.random.split(rng)
-        out = {}
+        return gt_boxes, gt_valid, gt_levels, gt_masks
 
-        # ---- RPN
+    def _rpn_losses(self, out, logits, deltas, anchors, gt, key):
+        """out["rpn/cls"], out["rpn/box"]; returns the anchors' labels."""
+        cfg = self.config
+        gt_boxes, gt_valid, _, _ = gt
+        b = gt_valid.shape[0]
         all_anchors = jnp.concatenate(anchors, axis=0)
         labels, rpn_gt_deltas = jax.vmap(
             lambda gb, gv, key: rpn_targets(
@@ -324,7 +340,7 @@ class CascadeMaskRCNN(nn.Module):
                 batch_size_per_image=cfg.rpn_batch_size_per_image,
                 positive_fraction=cfg.rpn_positive_fraction,
             )
-        )(gt_boxes, gt_valid, jax.random.split(k_rpn, b))
+        )(gt_boxes, gt_valid, jax.random.split(key, b))
         out["rpn/cls"], out["rpn/box"] = L.rpn_losses(
             jnp.concatenate(logits, axis=1),
             jnp.concatenate(deltas, axis=1),
@@ -332,7 +348,15 @@ class CascadeMaskRCNN(nn.Module):
             labels,
             cfg.rpn_batch_size_per_image,
         )
+        return labels
 
+    def _cascade_losses(self, out, feats, props, pvalid, gt, image_sizes, key):
+        """out["stage{k}/cls|box|level"] of every cascade stage, from the stage-0 sample of the
+        proposals (ground truth appended); returns that sample (boxes, matched, is_fg), which
+        the mask head trains on."""
+        cfg = self.config
+        gt_boxes, gt_valid, gt_levels, _ = gt
+        b = gt_valid.shape[0]
         # ---- stage-0 sampling (ground truth appended to the proposals)
         boxes, matched, is_fg, valid = jax.vmap(
             lambda p, pv, gb, gv, key: label_and_sample_proposals(
@@ -345,7 +369,7 @@ class CascadeMaskRCNN(nn.Module):
                 num_samples=cfg.roi_batch_size_per_image,
                 positive_fraction=cfg.roi_positive_fraction,
             )
-        )(props, pvalid, gt_boxes, gt_valid, jax.random.split(k_roi, b))
+        )(props, pvalid, gt_boxes, gt_valid, jax.random.split(key, b))
         boxes = jax.lax.stop_gradient(boxes)
         first = (boxes, matched, is_fg)
 
@@ -384,8 +408,13 @@ class CascadeMaskRCNN(nn.Module):
             out[f"stage{k}/level"] = cfg.level_loss_weight * L.level_loss(
                 lvl, _take(gt_levels, matched), is_fg & valid
             )
+        return first
 
-        # ---- mask head on the first stage's foreground sample
+    def _mask_losses(self, out, feats, first, gt, hw):
+        """out["mask"]: the mask head on the first stage's foreground sample (at most
+        `mask_max_fg` boxes per image) against the ground-truth masks cropped to those boxes."""
+        cfg = self.config
+        _, _, _, gt_masks = gt
         boxes0, matched0, fg0 = first
         m = cfg.mask_max_fg
         if m is None:
@@ -405,8 +434,6 @@ class CascadeMaskRCNN(nn.Module):
             "mask",
             dict(boxes=mboxes, matched=mmatched, is_fg=mfg, logits=mask_logits, targets=mask_gt),
         )
-        self.sow("intermediates", "rpn", dict(labels=labels))
-        return out
 
     def _droploss(self, pred_boxes, valid, matched, gt_boxes, gt_valid):
         """DropLoss weights (B, R) of one stage, or None when off for this batch.
