@@ -576,6 +576,15 @@ MUTANTS = [
         ("tests/discovery/test_pipeline.py::"
          "test_sweep_reports_statistics_and_ar_per_threshold",),
     ),
+    Mutant(
+        "mask_threshold_ignored",
+        "post-processing pastes masks at 0.5 whatever mask_threshold says",
+        (Edit("hassod_jax/inference/processing.py",
+              "det[\"masks\"][keep], boxes, int(oh), int(ow), threshold=mask_threshold",
+              "det[\"masks\"][keep], boxes, int(oh), int(ow)"),),
+        ("tests/evaluate/test_predict.py::"
+         "test_the_mask_threshold_binarises_the_pasted_probabilities",),
+    ),
 ]
 
 _IGNORE = shutil.ignore_patterns(

@@ -146,46 +146,24 @@ def detections_to_coco(
       resized_hw, original_hw: (h, w) the detector saw, and of the original image.
     Returns:
       list of dicts (by descending score) with image_id, category_id, bbox [x, y, w, h],
-      score, segmentation (compressed RLE, str counts), hier_level.
+      score, segmentation (compressed RLE, str counts), hier_level: `postprocess_detections`
+      then `detections_to_results`, without the level probabilities.
     """
-    from pycocotools import mask as mask_utils
-
-    from hassod_jax.data.coco import rle_to_json
-
-    valid = np.asarray(detections["valid"], bool)
-    boxes, nonempty = rescale_boxes(detections["boxes"], resized_hw, original_hw)
-    keep = np.nonzero(valid & nonempty)[0]
-    if keep.size == 0:
-        return []
-    scores = np.asarray(detections["scores"], np.float32)[keep]
-    levels = np.argmax(np.asarray(detections["level_probs"])[keep], axis=-1)
-    boxes = boxes[keep]
-    oh, ow = (int(v) for v in original_hw)
-    masks = paste_masks_numpy(
-        np.asarray(detections["masks"])[keep], boxes, oh, ow, threshold=mask_threshold
+    dets = postprocess_detections(
+        detections, resized_hw, original_hw, mask_threshold=mask_threshold
     )
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    out = []
-    for j in range(len(keep)):
-        x0, y0, x1, y1 = (float(v) for v in boxes[j])
-        out.append(
-            {
-                "image_id": image_id,
-                "category_id": int(category_id),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "score": float(scores[j]),
-                "segmentation": rle_to_json(rles[j]),  # size [oh, ow], str counts
-                "hier_level": int(levels[j]),
-            }
-        )
-    return out
+    return [
+        {k: v for k, v in r.items() if k != "level_probs"}
+        for r in detections_to_results(dets, image_id, category_id)
+    ]
 
 
-def postprocess_detections(det, resized_hw, original_hw, score_threshold=0.0):
+def postprocess_detections(det, resized_hw, original_hw, score_threshold=0.0, mask_threshold=0.5):
     """One image's raw detector outputs -> `detect`'s dict at the original size.
 
     det: NumPy arrays of ONE image as `CascadeMaskRCNN` returns them (boxes in the resized
-    image's pixels, scores, level_probs, masks (D, M, M) probabilities, valid).
+    image's pixels, scores, level_probs, masks (D, M, M) probabilities, valid). Masks are
+    pasted and binarised at `mask_threshold` (detectron2: 0.5).
     """
     (h, w), (oh, ow) = resized_hw, original_hw
     boxes, nonempty = rescale_boxes(det["boxes"], (h, w), (oh, ow))
@@ -197,7 +175,9 @@ def postprocess_detections(det, resized_hw, original_hw, score_threshold=0.0):
         "scores": det["scores"][keep].astype(np.float32),
         "levels": np.argmax(level_probs, axis=-1).astype(np.int64),
         "level_probs": level_probs,
-        "masks": paste_masks_numpy(det["masks"][keep], boxes, int(oh), int(ow)),
+        "masks": paste_masks_numpy(
+            det["masks"][keep], boxes, int(oh), int(ow), threshold=mask_threshold
+        ),
     }
 
 

@@ -122,6 +122,30 @@ def test_detections_to_coco_fields_and_rle_round_trip():
         np.testing.assert_array_equal(mask_utils.decode(seg).astype(bool), em)
 
 
+def test_the_mask_threshold_binarises_the_pasted_probabilities():
+    """detections_to_coco's mask_threshold: each mask is the float64 transcription of
+    detectron2's paste compared with that threshold (0.7 and 0.3: masks shrink and grow)."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(2)
+    boxes = np.array([[10, 8, 90, 70], [40, 20, 120, 95]], np.float32)
+    det = {"boxes": boxes, "scores": np.array([0.9, 0.8], np.float32),
+           "level_probs": rng.uniform(size=(2, 3)).astype(np.float32),
+           "masks": _smooth_masks(rng, 2, 28), "valid": np.ones(2, bool)}
+    exp_boxes, _ = processing.rescale_boxes(boxes, (96, 128), (120, 160))
+    areas = {}
+    for t in (0.3, 0.5, 0.7):
+        res = processing.detections_to_coco(det, 1, (96, 128), (120, 160), mask_threshold=t)
+        for r, mask, box in zip(res, det["masks"], exp_boxes):
+            seg = dict(r["segmentation"], counts=r["segmentation"]["counts"].encode())
+            got = mask_utils.decode(seg).astype(bool)
+            soft = _soft_paste_f64(mask, box, 120, 160)
+            clear = np.abs(soft - t) > 1e-5
+            np.testing.assert_array_equal(got[clear], (soft >= t)[clear])
+            areas.setdefault(t, []).append(int(got.sum()))
+    assert all(a > b > c > 0 for a, b, c in zip(areas[0.3], areas[0.5], areas[0.7]))
+
+
 def test_level_accuracy_on_crafted_predictions():
     gt = {
         "images": [{"id": 1, "height": 50, "width": 50, "file_name": "a.png"}],
