@@ -585,6 +585,14 @@ MUTANTS = [
         ("tests/evaluate/test_predict.py::"
          "test_the_mask_threshold_binarises_the_pasted_probabilities",),
     ),
+    Mutant(
+        "orbax_read_without_model_handler",
+        "reading a checkpoint's state knows no handler for its model item (orbax warns)",
+        (Edit("hassod_jax/weights/detectron2.py",
+              "        model=ocp.JsonCheckpointHandler(),\n    )", "    )"),),
+        ("tests/weights/test_orbax_read.py::"
+         "test_a_checkpoint_with_the_model_config_reads_and_resumes_without_warnings",),
+    ),
 ]
 
 _IGNORE = shutil.ignore_patterns(

@@ -423,11 +423,8 @@ def _read_orbax(step_dir: str, which: str = "student") -> dict:
     import jax
 
     path = os.path.abspath(step_dir)
-    handler = ocp.CompositeCheckpointHandler(
-        state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()
-    )
     try:
-        with ocp.Checkpointer(handler) as ckptr:
+        with ocp.Checkpointer(_orbax_handler()) as ckptr:
             # Restored onto this process's first device whatever mesh saved it: a run trained
             # on 8 devices is read for prediction on 1 (orbax refuses a restore without a target
             # when the device topology differs from the saving one).
@@ -457,6 +454,18 @@ def _read_orbax(step_dir: str, which: str = "student") -> dict:
     return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
 
 
+def _orbax_handler():
+    """A handler for every item `train/checkpoint.py` writes (the train state, the iterator's
+    JSON, the model config), so that reading some of them does not make orbax warn that the
+    others 'could not be restored'."""
+    import orbax.checkpoint as ocp
+
+    return ocp.CompositeCheckpointHandler(
+        state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
+        model=ocp.JsonCheckpointHandler(),
+    )
+
+
 def _read_orbax_model(step_dir: str) -> dict | None:
     """The `DetectorConfig` (as JSON) a step of our training checkpoints stores in its `model`
     item; None for a step written before the item existed."""
@@ -464,9 +473,8 @@ def _read_orbax_model(step_dir: str) -> dict | None:
 
     if not os.path.isdir(os.path.join(step_dir, "model")):
         return None
-    handler = ocp.CompositeCheckpointHandler(model=ocp.JsonCheckpointHandler())
     try:
-        with ocp.Checkpointer(handler) as ckptr:
+        with ocp.Checkpointer(_orbax_handler()) as ckptr:
             restored = ckptr.restore(
                 os.path.abspath(step_dir), args=ocp.args.Composite(model=ocp.args.JsonRestore())
             )

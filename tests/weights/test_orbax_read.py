@@ -44,6 +44,33 @@ def test_fresh_checkpoint_reads_without_warnings(tmp_path, caplog):
     assert not any("_CHECKPOINT_METADATA" in r.getMessage() for r in caplog.records)
 
 
+def test_a_checkpoint_with_the_model_config_reads_and_resumes_without_warnings(
+    tmp_path, caplog
+):
+    """The stored model config (item 'model') is read by load_detector and left alone by the
+    resume and the state-only read, all without orbax's 'found in the checkpoint, but could not
+    be restored' warning."""
+    import jax
+
+    from hassod_jax.models import detector as D
+    from hassod_jax.train import optim, supervised
+
+    cfg = D.SMALL_CONFIG
+    state = supervised.init_state(D.CascadeMaskRCNN(cfg), optim.sgd(0.01), jax.random.PRNGKey(0))
+    ck = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints", model_config=cfg)
+    ck.save(1, state, {"it": 3})
+    ck.close()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        module, _ = W.load_detector(tmp_path / "W")
+        W._read_orbax(W._orbax_step_dir(str(tmp_path / "W")))
+        resumed = ckpt_lib.Checkpointer(tmp_path / "W" / "checkpoints", model_config=cfg)
+        _, data = resumed.restore(state)
+        resumed.close()
+    assert module.config == cfg and data == {"it": 3}
+    assert _warnings(caplog) == []
+
+
 def test_a_step_holding_only_the_state_item_reads_too(tmp_path, caplog):
     """A step directory without the data iterator's item (the state alone) is read as well."""
     import orbax.checkpoint as ocp
